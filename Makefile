@@ -1,0 +1,51 @@
+# seedpipe: one-command setup, tests, lint. Everything installs into .venv from this repo's files.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+# Every pip call goes through constraints.txt: it pins torch==2.13.0 (the local CPU wheel) so no
+# dependency's range can pull a CUDA build of torch.
+PIP := $(PY) -m pip --disable-pip-version-check
+PIP_INSTALL := $(PIP) install -c constraints.txt
+
+# Test/CI environment (see PITFALLS.md): no hub look-ups, no wandb, Ray auth off on loopback.
+export HF_HUB_OFFLINE := 1
+export TRANSFORMERS_OFFLINE := 1
+export WANDB_MODE := disabled
+export RAY_AUTH_MODE := disabled
+export RAY_USAGE_STATS_ENABLED := 0
+export TOKENIZERS_PARALLELISM := false
+
+.PHONY: setup test lint format clean
+
+setup: $(VENV)/.installed $(VENV)/.ops-warm
+
+$(PY):
+	$(PYTHON) -m venv $(VENV)
+	$(PIP) install -q --upgrade pip
+
+# torch first, alone and exact, then the project; reruns only when the dependency files change.
+$(VENV)/.installed: $(PY) pyproject.toml constraints.txt
+	$(PIP_INSTALL) -q torch==2.13.0
+	$(PIP_INSTALL) -q -e '.[dev]'
+	@touch $@
+
+# DeepSpeed JIT-compiles its CPU comm op at first use (40-80 s, and a stale lock hangs later
+# builds): build it once here, serially, into the venv-private TORCH_EXTENSIONS_DIR.
+$(VENV)/.ops-warm: $(VENV)/.installed
+	$(PY) -m jobs.deepspeed_ops --warm
+	@touch $@
+
+test: setup
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+lint: setup
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/mypy seed_core
+
+format: setup
+	$(VENV)/bin/ruff format .
+	$(VENV)/bin/ruff check --fix .
+
+clean:
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

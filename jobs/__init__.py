@@ -1,0 +1,1 @@
+"""jobs: entry points (each a `main(argv)`), runnable as `python -m jobs.<name>` and via `seedpipe`."""

@@ -1,0 +1,1 @@
+"""pipelines: the data stages on Ray Data and the catalog they share."""

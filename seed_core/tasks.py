@@ -1,0 +1,158 @@
+"""Training tasks: a model plus its losses, returning named loss terms and metrics.
+
+The training loop only sums (`TaskOutput.loss`), steps and logs; one loop serves every stage
+(open_clip's TrainingTask idiom).
+
+- `Stage1Task`: image-text contrastive loss (ITC) between the *last* causal query's feature and
+  the caption's first-token feature from the Q-Former's own text branch (as BLIP-2). Learned
+  temperature (init 0.07, clamped as BLIP-2 does), label smoothing 0.1, in-batch negatives
+  gathered across all ranks when torch.distributed is initialised.
+- `Stage2Task`: the Q-Former is frozen; trains quantizer and decoders with
+  5 * VQ + 2 * (1 - cos) reconstruction + 0.5 * MSE generation (SEED-2; v1 uses the MSE to the
+  77 x 768 SD text conditioning). Takes patch features (runs the frozen Q-Former) or cached
+  causal embeddings (the fast path: neither ViT nor Q-Former per step).
+
+Shapes: B local batch, N global batch, P ViT tokens, Dv ViT width, Q queries, D width, T text.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+import torch.distributed as dist
+import torch.distributed.nn.functional as dist_fn
+from torch import nn
+
+from seed_core.qformer import CausalQFormer
+from seed_core.tokenizer import SeedTokenizer
+
+
+@dataclass
+class TaskOutput:
+    loss: torch.Tensor
+    """The scalar to backpropagate: sum of weight * term."""
+    terms: dict[str, torch.Tensor]
+    """Unweighted loss terms by name."""
+    metrics: dict[str, torch.Tensor] = field(default_factory=dict)
+    """Detached scalars to log."""
+    codes: torch.Tensor | None = None
+    """(B, Q) codes of the batch (stage 2), for codebook-usage accounting across steps."""
+
+
+def gather_with_grad(x_BE: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """All ranks' rows (N, E) with gradients flowing back to each rank's own rows, and this rank's offset.
+
+    Every rank must pass the same local batch size (all_gather needs equal shapes): the jobs read
+    with drop_last so that holds.
+    """
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return x_BE, 0
+    gathered = dist_fn.all_gather(x_BE)
+    return torch.cat(gathered, dim=0), dist.get_rank() * x_BE.shape[0]
+
+
+@dataclass(kw_only=True)
+class Stage1Config:
+    """Stage-1 ITC settings (SEED_NOTES.md, Training)."""
+
+    temperature_init: float = 0.07
+    label_smoothing: float = 0.1
+
+    def __post_init__(self) -> None:
+        if not 0.001 <= self.temperature_init <= 0.5:
+            raise ValueError(f"Stage1Config.temperature_init must be in [0.001, 0.5], got {self.temperature_init}")
+        if not 0.0 <= self.label_smoothing < 1.0:
+            raise ValueError(f"Stage1Config.label_smoothing must be in [0, 1), got {self.label_smoothing}")
+
+
+class Stage1Task(nn.Module):
+    def __init__(self, qformer: CausalQFormer, config: Stage1Config | None = None) -> None:
+        super().__init__()
+        self.config = config or Stage1Config()
+        self.qformer = qformer
+        self.temperature = nn.Parameter(torch.tensor(self.config.temperature_init))
+
+    def forward(self, batch: dict[str, torch.Tensor]) -> TaskOutput:
+        """batch: patch_features (B, P, Dv), input_ids (B, T), attention_mask (B, T)."""
+        queries_BQD = self.qformer(batch["patch_features"])
+        image_BE = self.qformer.image_feature(queries_BQD)
+        text_BE = self.qformer.text_feature(self.qformer.encode_text(batch["input_ids"], batch["attention_mask"]))
+        all_image_NE, offset = gather_with_grad(image_BE)
+        all_text_NE, _ = gather_with_grad(text_BE)
+        with torch.no_grad():
+            self.temperature.clamp_(0.001, 0.5)  # BLIP-2 keeps the learned temperature in range
+        logits_i2t_BN = image_BE @ all_text_NE.t() / self.temperature
+        logits_t2i_BN = text_BE @ all_image_NE.t() / self.temperature
+        targets_B = torch.arange(image_BE.shape[0], device=image_BE.device) + offset
+        smoothing = self.config.label_smoothing
+        itc = 0.5 * (
+            nn.functional.cross_entropy(logits_i2t_BN, targets_B, label_smoothing=smoothing)
+            + nn.functional.cross_entropy(logits_t2i_BN, targets_B, label_smoothing=smoothing)
+        )
+        with torch.no_grad():
+            metrics = {
+                "acc_i2t": (logits_i2t_BN.argmax(1) == targets_B).float().mean(),
+                "acc_t2i": (logits_t2i_BN.argmax(1) == targets_B).float().mean(),
+                "temperature": self.temperature.detach().clone(),
+            }
+        return TaskOutput(loss=itc, terms={"itc": itc}, metrics=metrics)
+
+
+@dataclass(kw_only=True)
+class Stage2Config:
+    """Stage-2 loss weights (SEED-2: 5 * VQ + 2 * (1 - cos) + 0.5 * MSE)."""
+
+    vq_weight: float = 5.0
+    recon_weight: float = 2.0
+    gen_weight: float = 0.5
+
+    def __post_init__(self) -> None:
+        for name in ("vq_weight", "recon_weight", "gen_weight"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"Stage2Config.{name} must be >= 0, got {getattr(self, name)}")
+
+
+class Stage2Task(nn.Module):
+    def __init__(self, tokenizer: SeedTokenizer, config: Stage2Config | None = None) -> None:
+        super().__init__()
+        self.config = config or Stage2Config()
+        self.tokenizer = tokenizer
+        self.tokenizer.qformer.requires_grad_(False)
+        self.tokenizer.qformer.eval()
+        self.target_key = "target_image_embed" if tokenizer.config.generation.variant == "v2" else "target_text_cond"
+
+    def train(self, mode: bool = True) -> Stage2Task:
+        super().train(mode)
+        self.tokenizer.qformer.eval()  # frozen: no dropout, whatever the loop asks for
+        return self
+
+    def causal_embeddings(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        if "causal_embeds" in batch:
+            return batch["causal_embeds"].float()
+        if "patch_features" not in batch:
+            raise ValueError("a stage-2 batch needs 'causal_embeds' (B, Q, D) or 'patch_features' (B, P, Dv)")
+        with torch.no_grad():
+            return self.tokenizer.embed(batch["patch_features"].float())
+
+    def forward(self, batch: dict[str, torch.Tensor]) -> TaskOutput:
+        """batch: causal_embeds (B, Q, D) or patch_features (B, P, Dv); plus the v2/v1 target."""
+        if self.target_key not in batch:
+            raise ValueError(f"a {self.tokenizer.config.generation.variant} stage-2 batch needs '{self.target_key}'")
+        causal_BQD = self.causal_embeddings(batch)
+        vq = self.tokenizer.quantize(causal_BQD)
+        recon_BQD = self.tokenizer.reconstruction_decoder(vq.quantized)
+        cosine_BQ = nn.functional.cosine_similarity(recon_BQD, causal_BQD, dim=-1)
+        recon = 1.0 - cosine_BQ.mean()
+        generated = self.tokenizer.generation_decoder(vq.quantized)
+        target = batch[self.target_key].float().reshape(generated.shape)
+        gen = nn.functional.mse_loss(generated, target)
+        c = self.config
+        loss = c.vq_weight * vq.loss + c.recon_weight * recon + c.gen_weight * gen
+        metrics = {
+            "codebook_usage": vq.usage.detach(),
+            "perplexity": vq.perplexity.detach(),
+            "recon_cosine": cosine_BQ.mean().detach(),
+            "target_mse": gen.detach(),
+        }
+        return TaskOutput(loss=loss, terms={"vq": vq.loss, "recon": recon, "gen": gen}, metrics=metrics, codes=vq.indices)
