@@ -11,3 +11,30 @@ for _key, _value in {
     "TOKENIZERS_PARALLELISM": "false",
 }.items():
     os.environ.setdefault(_key, _value)
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+
+@pytest.fixture
+def tiny():
+    """The tiny v2 preset (random-init encoders, 32 queries)."""
+    from seed_core.presets import tiny
+
+    return tiny()
+
+
+@pytest.fixture
+def tiny_tokenizer(tiny):
+    """A seeded tiny SeedTokenizer in eval mode."""
+    from seed_core.tokenizer import SeedTokenizer
+
+    torch.manual_seed(0)
+    return SeedTokenizer(tiny.tokenizer).eval()
+
+
+@pytest.fixture
+def patch_features(tiny):
+    """(4, P, Dv) seeded random ViT features for the tiny preset."""
+    g = torch.Generator().manual_seed(1)
+    return torch.randn(4, tiny.vision.num_tokens, tiny.vision.hidden_size, generator=g)

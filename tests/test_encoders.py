@@ -1,0 +1,115 @@
+"""Frozen encoders and preprocessing: shapes, the loud random-init fallback, frozen-ness, real loading."""
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from seed_core.encoders import (
+    CLIP_MEAN,
+    RandomInitWarning,
+    TargetEncoderConfig,
+    VisionEncoderConfig,
+    load_target_encoder,
+    load_vision_encoder,
+    preprocess_images,
+)
+
+
+def test_preprocess_resizes_crops_and_normalises():
+    """Any-size PIL or array images -> (B, 3, S, S) float32; a CLIP-mean grey image maps to ~0."""
+    grey = Image.new("RGB", (50, 30), tuple(round(m * 255) for m in CLIP_MEAN))
+    arr = (np.random.default_rng(0).random((20, 40, 3)) * 255).astype(np.uint8)
+    x = preprocess_images([grey, arr, Image.new("L", (8, 8))], image_size=32)
+    assert x.shape == (3, 3, 32, 32) and x.dtype == torch.float32
+    assert x[0].abs().max() < 0.02
+
+
+def test_vision_encoder_random_init_is_loud_and_recorded(tiny):
+    """No weights -> RandomInitWarning, is_random_init True, (B, P, Dv) tokens, no grad, eval mode."""
+    with pytest.warns(RandomInitWarning, match="RANDOM INIT"):
+        enc = load_vision_encoder(tiny.vision)
+    assert enc.is_random_init and enc.source.startswith("random-init")
+    x = preprocess_images([Image.new("RGB", (40, 40))] * 2, image_size=tiny.vision.image_size)
+    out = enc(x)
+    assert out.shape == (2, tiny.vision.num_tokens, tiny.vision.hidden_size)
+    assert not out.requires_grad and not any(p.requires_grad for p in enc.parameters())
+    enc.train()
+    assert not enc.model.training
+
+
+def test_random_init_is_seeded(tiny):
+    """The same seed gives the same random encoder (same digest), another seed another one."""
+    with pytest.warns(RandomInitWarning):
+        a, b = load_vision_encoder(tiny.vision), load_vision_encoder(tiny.vision)
+        c = load_vision_encoder(VisionEncoderConfig(**{**tiny.vision.__dict__, "seed": 7}))
+    assert a.digest == b.digest != c.digest
+
+
+def test_unreachable_hub_id_falls_back_loudly(tiny):
+    """A hub id that cannot be reached (offline) falls back with the reason in the warning."""
+    cfg = VisionEncoderConfig(**{**tiny.vision.__dict__, "pretrained": "Salesforce/blip2-itm-vit-g"})
+    with pytest.warns(RandomInitWarning, match="blip2-itm-vit-g"):
+        enc = load_vision_encoder(cfg)
+    assert enc.is_random_init
+
+
+def test_loads_real_weights_from_a_local_directory(tmp_path, tiny):
+    """A saved transformers checkpoint loads for real (not random), with identical outputs."""
+    with pytest.warns(RandomInitWarning):
+        first = load_vision_encoder(tiny.vision)
+    first.model.save_pretrained(tmp_path / "vit")
+    enc = load_vision_encoder(VisionEncoderConfig(**{**tiny.vision.__dict__, "pretrained": str(tmp_path / "vit")}))
+    assert not enc.is_random_init and enc.source == str(tmp_path / "vit")
+    x = torch.randn(1, 3, 32, 32)
+    assert torch.equal(enc(x), first(x))
+
+
+def test_loads_vision_tower_from_a_full_blip2_checkpoint(tmp_path):
+    """A full BLIP-2 retrieval checkpoint directory yields its vision tower."""
+    from transformers import Blip2Config, Blip2ForImageTextRetrieval
+
+    cfg = Blip2Config(
+        vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4,
+                           image_size=32, patch_size=8),
+        qformer_config=dict(hidden_size=32, num_hidden_layers=1, num_attention_heads=4, intermediate_size=64,
+                            encoder_hidden_size=32, vocab_size=100, use_qformer_text_input=True),
+        num_query_tokens=32, image_text_hidden_size=16,
+    )  # fmt: skip
+    model = Blip2ForImageTextRetrieval(cfg).eval()
+    model.save_pretrained(tmp_path / "blip2")
+    enc = load_vision_encoder(
+        VisionEncoderConfig(pretrained=str(tmp_path / "blip2"), image_size=32, patch_size=8, hidden_size=32,
+                            num_layers=1, num_heads=4, intermediate_size=64)  # fmt: skip
+    )
+    x = torch.randn(1, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.equal(enc(x), model.vision_model(pixel_values=x).last_hidden_state)
+
+
+def test_v2_image_target_shape(tiny):
+    """The v2 target encoder gives (B, projection_dim) image embeddings."""
+    with pytest.warns(RandomInitWarning):
+        enc = load_target_encoder(tiny.target)
+    assert enc(torch.randn(3, 3, 32, 32)).shape == (3, tiny.target.projection_dim)
+
+
+def test_v1_text_target_shape():
+    """The v1 target encoder pads captions to 77 tokens: (B, 77, O), empty and long captions included."""
+    from seed_core.presets import tiny
+
+    cfg = tiny("v1").target
+    with pytest.warns(RandomInitWarning):
+        enc = load_target_encoder(cfg)
+    out = enc(["", "a dog", "word " * 500])
+    assert out.shape == (3, 77, cfg.hidden_size)
+
+
+def test_config_validation_names_the_field():
+    """Inconsistent shapes or unknown dtypes raise ValueError naming the field."""
+    with pytest.raises(ValueError, match="patch_size"):
+        VisionEncoderConfig(image_size=30, patch_size=8)
+    with pytest.raises(ValueError, match="dtype"):
+        VisionEncoderConfig(dtype="fp8")
+    with pytest.raises(ValueError, match="kind"):
+        TargetEncoderConfig(kind="clip_audio")
