@@ -38,9 +38,13 @@ class DecoderConfig:
     def __post_init__(self) -> None:
         for name in ("width", "num_layers", "num_heads", "num_positions"):
             if getattr(self, name) <= 0:
-                raise ValueError(f"DecoderConfig.{name} must be positive, got {getattr(self, name)}")
+                raise ValueError(
+                    f"DecoderConfig.{name} must be positive, got {getattr(self, name)}"
+                )
         if self.width % self.num_heads:
-            raise ValueError(f"DecoderConfig.width ({self.width}) must be divisible by num_heads ({self.num_heads})")
+            raise ValueError(
+                f"DecoderConfig.width ({self.width}) must be divisible by num_heads ({self.num_heads})"
+            )
         if self.mlp_ratio <= 0:
             raise ValueError(f"DecoderConfig.mlp_ratio must be positive, got {self.mlp_ratio}")
 
@@ -62,18 +66,30 @@ class GenerationDecoderConfig:
 
     def __post_init__(self) -> None:
         if self.variant not in ("v1", "v2"):
-            raise ValueError(f"GenerationDecoderConfig.variant must be 'v1' or 'v2', got {self.variant!r}")
+            raise ValueError(
+                f"GenerationDecoderConfig.variant must be 'v1' or 'v2', got {self.variant!r}"
+            )
         if self.output_dim <= 0:
-            raise ValueError(f"GenerationDecoderConfig.output_dim must be positive, got {self.output_dim}")
+            raise ValueError(
+                f"GenerationDecoderConfig.output_dim must be positive, got {self.output_dim}"
+            )
         if not self.mlp_dims or any(d <= 0 for d in self.mlp_dims):
-            raise ValueError(f"GenerationDecoderConfig.mlp_dims must be positive widths, got {self.mlp_dims}")
+            raise ValueError(
+                f"GenerationDecoderConfig.mlp_dims must be positive widths, got {self.mlp_dims}"
+            )
         if self.num_output_queries <= 0 or self.reverse_qformer_layers <= 0:
-            raise ValueError("GenerationDecoderConfig.num_output_queries and reverse_qformer_layers must be positive")
+            raise ValueError(
+                "GenerationDecoderConfig.num_output_queries and reverse_qformer_layers must be positive"
+            )
 
     @property
     def output_shape(self) -> tuple[int, ...]:
         """Per-sample shape of the generation embedding."""
-        return (self.output_dim,) if self.variant == "v2" else (self.num_output_queries, self.output_dim)
+        return (
+            (self.output_dim,)
+            if self.variant == "v2"
+            else (self.num_output_queries, self.output_dim)
+        )
 
 
 class Blocks(nn.Module):
@@ -156,7 +172,9 @@ class V1GenerationDecoder(nn.Module):
     def forward(self, x_BQD: torch.Tensor) -> torch.Tensor:
         memory_BQD = self.blocks(x_BQD)
         queries_BGD = self.queries.expand(x_BQD.shape[0], -1, -1)
-        out_BGD = self.reverse_qformer(query_embeds=queries_BGD, encoder_hidden_states=memory_BQD).last_hidden_state
+        out_BGD = self.reverse_qformer(
+            query_embeds=queries_BGD, encoder_hidden_states=memory_BQD
+        ).last_hidden_state
         return self.proj(out_BGD)  # (B, G, O)
 
 

@@ -73,7 +73,9 @@ class VisionEncoderConfig:
 
     def __post_init__(self) -> None:
         if self.arch not in ("blip2", "clip"):
-            raise ValueError(f"VisionEncoderConfig.arch must be 'blip2' or 'clip', got {self.arch!r}")
+            raise ValueError(
+                f"VisionEncoderConfig.arch must be 'blip2' or 'clip', got {self.arch!r}"
+            )
         _check_tower(self, "VisionEncoderConfig")
 
     @property
@@ -106,24 +108,43 @@ class TargetEncoderConfig:
 
     def __post_init__(self) -> None:
         if self.kind not in ("clip_image", "clip_text"):
-            raise ValueError(f"TargetEncoderConfig.kind must be 'clip_image' or 'clip_text', got {self.kind!r}")
+            raise ValueError(
+                f"TargetEncoderConfig.kind must be 'clip_image' or 'clip_text', got {self.kind!r}"
+            )
         _check_tower(self, "TargetEncoderConfig")
         if self.projection_dim <= 0 or self.max_text_len <= 0 or self.vocab_size <= 0:
-            raise ValueError("TargetEncoderConfig.projection_dim, max_text_len and vocab_size must be positive")
+            raise ValueError(
+                "TargetEncoderConfig.projection_dim, max_text_len and vocab_size must be positive"
+            )
 
     @property
     def output_shape(self) -> tuple[int, ...]:
-        return (self.projection_dim,) if self.kind == "clip_image" else (self.max_text_len, self.hidden_size)
+        return (
+            (self.projection_dim,)
+            if self.kind == "clip_image"
+            else (self.max_text_len, self.hidden_size)
+        )
 
 
 def _check_tower(cfg: Any, owner: str) -> None:
-    for name in ("image_size", "patch_size", "hidden_size", "num_layers", "num_heads", "intermediate_size"):
+    for name in (
+        "image_size",
+        "patch_size",
+        "hidden_size",
+        "num_layers",
+        "num_heads",
+        "intermediate_size",
+    ):
         if getattr(cfg, name) <= 0:
             raise ValueError(f"{owner}.{name} must be positive, got {getattr(cfg, name)}")
     if cfg.image_size % cfg.patch_size:
-        raise ValueError(f"{owner}.image_size ({cfg.image_size}) must be a multiple of patch_size ({cfg.patch_size})")
+        raise ValueError(
+            f"{owner}.image_size ({cfg.image_size}) must be a multiple of patch_size ({cfg.patch_size})"
+        )
     if cfg.hidden_size % cfg.num_heads:
-        raise ValueError(f"{owner}.hidden_size ({cfg.hidden_size}) must be divisible by num_heads ({cfg.num_heads})")
+        raise ValueError(
+            f"{owner}.hidden_size ({cfg.hidden_size}) must be divisible by num_heads ({cfg.num_heads})"
+        )
     if cfg.dtype not in DTYPES:
         raise ValueError(f"{owner}.dtype must be one of {sorted(DTYPES)}, got {cfg.dtype!r}")
 
@@ -140,7 +161,11 @@ def preprocess_images(
     std = np.asarray(CLIP_STD, dtype=np.float32)
     out = np.empty((len(images), image_size, image_size, 3), dtype=np.float32)
     for i, image in enumerate(images):
-        img = Image.fromarray(np.asarray(image, dtype=np.uint8)) if isinstance(image, np.ndarray) else image
+        img = (
+            Image.fromarray(np.asarray(image, dtype=np.uint8))
+            if isinstance(image, np.ndarray)
+            else image
+        )
         img = img.convert("RGB")
         if keep_ratio:
             w, h = img.size
@@ -186,7 +211,9 @@ class VisionEncoder(FrozenEncoder):
     @torch.no_grad()
     def forward(self, pixel_values_BCSS: torch.Tensor) -> torch.Tensor:
         """All tokens (B, P, Dv) of the last layer (after BLIP-2's ln_vision for blip2)."""
-        return self.model(pixel_values=pixel_values_BCSS.to(self.device, self.dtype)).last_hidden_state
+        return self.model(
+            pixel_values=pixel_values_BCSS.to(self.device, self.dtype)
+        ).last_hidden_state
 
 
 class ImageTargetEncoder(FrozenEncoder):
@@ -197,7 +224,9 @@ class ImageTargetEncoder(FrozenEncoder):
 
 
 class TextTargetEncoder(FrozenEncoder):
-    def __init__(self, model: nn.Module, config: Any, *, is_random_init: bool, source: str, tokenizer: Any) -> None:
+    def __init__(
+        self, model: nn.Module, config: Any, *, is_random_init: bool, source: str, tokenizer: Any
+    ) -> None:
         super().__init__(model, config, is_random_init=is_random_init, source=source)
         self.tokenizer = tokenizer
 
@@ -211,7 +240,9 @@ class TextTargetEncoder(FrozenEncoder):
         return self.model(input_ids=batch["input_ids"].to(self.device)).last_hidden_state
 
 
-def _random_init(model_cls: type, hf_config: Any, *, seed: int, what: str, reason: str) -> nn.Module:
+def _random_init(
+    model_cls: type, hf_config: Any, *, seed: int, what: str, reason: str
+) -> nn.Module:
     message = (
         f"{what}: no pretrained weights could be loaded ({reason}); using a RANDOM INIT of the same "
         f"architecture (seed {seed}). Its features are meaningless for real data."
@@ -223,26 +254,34 @@ def _random_init(model_cls: type, hf_config: Any, *, seed: int, what: str, reaso
         return model_cls(hf_config)
 
 
-def _load_tower(model_cls: type, cfg: Any, what: str) -> tuple[nn.Module, bool, str]:
+def _load_tower(model_cls: Any, cfg: Any, what: str) -> tuple[nn.Module, bool, str]:
     """(model, is_random_init, source) for a vision or text tower class."""
     if cfg.pretrained:
         try:
             kwargs: dict[str, Any] = {"dtype": DTYPES[cfg.dtype]}
             if cfg.subfolder:
                 kwargs["subfolder"] = cfg.subfolder
-            hub_config = AutoConfig.from_pretrained(cfg.pretrained, **({"subfolder": cfg.subfolder} if cfg.subfolder else {}))
+            hub_config = AutoConfig.from_pretrained(
+                cfg.pretrained, **({"subfolder": cfg.subfolder} if cfg.subfolder else {})
+            )
             if hub_config.model_type == "blip-2":
                 # a full BLIP-2 checkpoint: load it with its own class and keep the vision tower
                 import transformers
 
                 full_cls = getattr(transformers, (hub_config.architectures or ["Blip2Model"])[0])
-                return full_cls.from_pretrained(cfg.pretrained, **kwargs).vision_model, False, cfg.pretrained
+                return (
+                    full_cls.from_pretrained(cfg.pretrained, **kwargs).vision_model,
+                    False,
+                    cfg.pretrained,
+                )
             return model_cls.from_pretrained(cfg.pretrained, **kwargs), False, cfg.pretrained
         except (OSError, ValueError, KeyError) as err:
             reason = f"{cfg.pretrained!r}: {type(err).__name__}: {str(err).splitlines()[0][:200]}"
     else:
         reason = "no pretrained path configured"
-    model = _random_init(model_cls, _hf_tower_config(model_cls, cfg), seed=cfg.seed, what=what, reason=reason)
+    model = _random_init(
+        model_cls, _hf_tower_config(model_cls, cfg), seed=cfg.seed, what=what, reason=reason
+    )
     return model.to(DTYPES[cfg.dtype]), True, f"random-init(seed={cfg.seed})"
 
 
@@ -257,7 +296,9 @@ def _hf_tower_config(model_cls: type, cfg: Any) -> Any:
         return CLIPTextConfig(vocab_size=cfg.vocab_size, max_position_embeddings=cfg.max_text_len,
                               bos_token_id=1, eos_token_id=2, pad_token_id=0, **shape)  # fmt: skip
     projection = getattr(cfg, "projection_dim", cfg.hidden_size)
-    return CLIPVisionConfig(image_size=cfg.image_size, patch_size=cfg.patch_size, projection_dim=projection, **shape)
+    return CLIPVisionConfig(
+        image_size=cfg.image_size, patch_size=cfg.patch_size, projection_dim=projection, **shape
+    )
 
 
 def load_vision_encoder(config: VisionEncoderConfig) -> VisionEncoder:
@@ -268,15 +309,21 @@ def load_vision_encoder(config: VisionEncoderConfig) -> VisionEncoder:
 
 def load_target_encoder(config: TargetEncoderConfig) -> ImageTargetEncoder | TextTargetEncoder:
     if config.kind == "clip_image":
-        model, random_init, source = _load_tower(CLIPVisionModelWithProjection, config, "v2 target encoder")
+        model, random_init, source = _load_tower(
+            CLIPVisionModelWithProjection, config, "v2 target encoder"
+        )
         return ImageTargetEncoder(model, config, is_random_init=random_init, source=source)
     model, random_init, source = _load_tower(CLIPTextModel, config, "v1 target encoder")
     if random_init:
         tokenizer: Any = byte_level_tokenizer(config.max_text_len)
     else:
         sub = "tokenizer" if config.subfolder == "text_encoder" else config.subfolder
-        tokenizer = AutoTokenizer.from_pretrained(config.pretrained, **({"subfolder": sub} if sub else {}))
-    return TextTargetEncoder(model, config, is_random_init=random_init, source=source, tokenizer=tokenizer)
+        tokenizer = AutoTokenizer.from_pretrained(
+            config.pretrained, **({"subfolder": sub} if sub else {})
+        )
+    return TextTargetEncoder(
+        model, config, is_random_init=random_init, source=source, tokenizer=tokenizer
+    )
 
 
 def byte_level_tokenizer(max_length: int) -> PreTrainedTokenizerFast:
@@ -292,7 +339,13 @@ def byte_level_tokenizer(max_length: int) -> PreTrainedTokenizerFast:
     tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = tk_decoders.ByteLevel()
-    tok.post_processor = processors.TemplateProcessing(single="<s> $A </s>", special_tokens=[("<s>", 1), ("</s>", 2)])
+    tok.post_processor = processors.TemplateProcessing(
+        single="<s> $A </s>", special_tokens=[("<s>", 1), ("</s>", 2)]
+    )
     return PreTrainedTokenizerFast(
-        tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>", model_max_length=max_length
+        tokenizer_object=tok,
+        bos_token="<s>",
+        eos_token="</s>",
+        pad_token="<pad>",
+        model_max_length=max_length,
     )

@@ -30,7 +30,12 @@ from dataclasses import dataclass
 import torch
 from peft import LoraConfig, PeftModel, get_peft_model
 from torch import nn
-from transformers import LogitsProcessor, LogitsProcessorList, PreTrainedTokenizerFast
+from transformers import (
+    LogitsProcessor,
+    LogitsProcessorList,
+    PreTrainedModel,
+    PreTrainedTokenizerFast,
+)
 
 IMAGE_START = "<img>"
 IMAGE_END = "</img>"
@@ -135,7 +140,7 @@ class ImageTokenSpace:
 
 
 def add_image_tokens(
-    tokenizer, model: nn.Module, num_codes: int, *, num_tokens_per_image: int = 32
+    tokenizer, model: PreTrainedModel, num_codes: int, *, num_tokens_per_image: int = 32
 ) -> ImageTokenSpace:
     """Add the image tokens to ``tokenizer``, grow ``model``'s (tied) embeddings, return the space.
 
@@ -161,11 +166,11 @@ def add_image_tokens(
         first_code_id=first,
         num_tokens_per_image=num_tokens_per_image,
     )
-    weight = model.get_input_embeddings().weight
+    weight: torch.Tensor = model.get_input_embeddings().weight  # type: ignore[assignment]
     if len(tokenizer) > weight.shape[0]:
         with _seeded(_NEW_ROWS_SEED, weight.device):
             model.resize_token_embeddings(len(tokenizer))  # ties lm_head again where tied
-    assert max(space.all_token_ids()) < model.get_input_embeddings().weight.shape[0]
+    assert max(space.all_token_ids()) < model.get_input_embeddings().weight.shape[0]  # type: ignore[index]
     return space
 
 
@@ -279,9 +284,9 @@ def _infer_target_modules(model: nn.Module) -> list[str]:
     )
 
 
-def apply_lora(model: nn.Module, settings: LoraSettings, space: ImageTokenSpace) -> PeftModel:
+def apply_lora(model: PreTrainedModel, settings: LoraSettings, space: ImageTokenSpace) -> PeftModel:
     """Wrap ``model`` with LoRA; only LoRA weights and the image-token rows stay trainable."""
-    embeddings = model.get_input_embeddings()
+    embeddings: nn.Embedding = model.get_input_embeddings()  # type: ignore[assignment]
     if max(space.all_token_ids()) >= embeddings.weight.shape[0]:
         raise ValueError("space ids exceed the model's embeddings; call add_image_tokens first")
     trainable_tokens: list[int] | dict[str, list[int]] | None = None
@@ -300,7 +305,7 @@ def apply_lora(model: nn.Module, settings: LoraSettings, space: ImageTokenSpace)
             }
     config = LoraConfig(
         r=settings.r,
-        lora_alpha=settings.alpha,
+        lora_alpha=settings.alpha,  # type: ignore[arg-type]  # peft annotates int; floats work
         lora_dropout=settings.dropout,
         target_modules=settings.target_modules or _infer_target_modules(model),
         bias="none",
@@ -317,7 +322,7 @@ class ImageCodeLogitsProcessor(LogitsProcessor):
         self.space = space
         self.prompt_length = prompt_length  # padded prompt length: new tokens start here
 
-    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:  # type: ignore[override]
         step = input_ids.shape[1] - self.prompt_length
         allowed = torch.full_like(scores, float("-inf"))  # (B, V)
         if step < self.space.num_tokens_per_image:
@@ -326,7 +331,7 @@ class ImageCodeLogitsProcessor(LogitsProcessor):
         else:
             end = self.space.image_end_id
             allowed[:, end] = scores[:, end]
-        return allowed
+        return allowed  # type: ignore[return-value]
 
 
 @contextlib.contextmanager
@@ -358,7 +363,7 @@ def _pad_id(tokenizer) -> int:
 
 
 def generate_caption(
-    model: nn.Module,
+    model: PreTrainedModel,
     tokenizer,
     space: ImageTokenSpace,
     codes: torch.Tensor,
@@ -374,7 +379,7 @@ def generate_caption(
     device = next(model.parameters()).device
     input_ids, attention_mask = _left_pad(prompts, _pad_id(tokenizer), device)
     with _eval_mode(model):
-        out_BT = model.generate(
+        out_BT = model.generate(  # type: ignore[operator]  # GenerationMixin, untyped on PreTrainedModel
             input_ids=input_ids,
             attention_mask=attention_mask,
             do_sample=False,
@@ -389,7 +394,7 @@ def generate_caption(
 
 
 def generate_image_codes(
-    model: nn.Module,
+    model: PreTrainedModel,
     tokenizer,
     space: ImageTokenSpace,
     captions: list[str],
@@ -423,7 +428,7 @@ def generate_image_codes(
     sampling = dict(temperature=temperature, top_k=top_k or 0, top_p=1.0) if do_sample else {}
     processor = ImageCodeLogitsProcessor(space, prompt_length=input_ids.shape[1])
     with _eval_mode(model), _seeded(seed, device):
-        out_BT = model.generate(
+        out_BT = model.generate(  # type: ignore[operator]  # GenerationMixin, untyped on PreTrainedModel
             input_ids=input_ids,
             attention_mask=attention_mask,
             do_sample=do_sample,

@@ -35,7 +35,9 @@ class Preset:
         gen = self.tokenizer.generation
         wanted = "clip_image" if gen.variant == "v2" else "clip_text"
         if self.target.kind != wanted:
-            raise ValueError(f"preset {self.name}: a {gen.variant} generation decoder needs a {wanted} target")
+            raise ValueError(
+                f"preset {self.name}: a {gen.variant} generation decoder needs a {wanted} target"
+            )
         if gen.output_shape != self.target.output_shape:
             raise ValueError(
                 f"preset {self.name}: generation output {gen.output_shape} != target {self.target.output_shape}"
@@ -47,12 +49,19 @@ def _tokenizer(*, width: int, heads: int, layers: int, intermediate: int, vision
                ) -> SeedTokenizerConfig:  # fmt: skip
     return SeedTokenizerConfig(
         qformer=QFormerConfig(
-            num_queries=NUM_QUERIES, hidden_size=width, num_layers=layers, num_heads=heads,
-            intermediate_size=intermediate, encoder_hidden_size=vision_width, vocab_size=vocab,
+            num_queries=NUM_QUERIES,
+            hidden_size=width,
+            num_layers=layers,
+            num_heads=heads,
+            intermediate_size=intermediate,
+            encoder_hidden_size=vision_width,
+            vocab_size=vocab,
             embed_dim=embed_dim,
         ),  # fmt: skip
         quantizer=QuantizerConfig(num_codes=num_codes, code_dim=code_dim, input_dim=width),
-        reconstruction=DecoderConfig(width=width, num_layers=dec_layers, num_heads=heads, num_positions=NUM_QUERIES),
+        reconstruction=DecoderConfig(
+            width=width, num_layers=dec_layers, num_heads=heads, num_positions=NUM_QUERIES
+        ),
         generation=generation,
     )
 
@@ -65,7 +74,9 @@ def tiny(variant: str = "v2") -> Preset:
         target = TargetEncoderConfig(kind="clip_image", pretrained=None, image_size=32, patch_size=8,
                                      hidden_size=32, num_layers=1, num_heads=4, intermediate_size=64,
                                      projection_dim=16)  # fmt: skip
-        generation = GenerationDecoderConfig(variant="v2", blocks=blocks, output_dim=16, mlp_dims=[16, 8, 4])
+        generation = GenerationDecoderConfig(
+            variant="v2", blocks=blocks, output_dim=16, mlp_dims=[16, 8, 4]
+        )
     else:
         target = TargetEncoderConfig(kind="clip_text", pretrained=None, hidden_size=16, num_layers=1,
                                      num_heads=4, intermediate_size=32, max_text_len=77, vocab_size=260)  # fmt: skip
@@ -73,11 +84,30 @@ def tiny(variant: str = "v2") -> Preset:
                                              reverse_qformer_layers=1)  # fmt: skip
     return Preset(
         name=f"tiny-{variant}" if variant != "v2" else "tiny",
-        vision=VisionEncoderConfig(arch="blip2", pretrained=None, image_size=32, patch_size=8, hidden_size=32,
-                                   num_layers=2, num_heads=4, intermediate_size=64),  # fmt: skip
+        vision=VisionEncoderConfig(
+            arch="blip2",
+            pretrained=None,
+            image_size=32,
+            patch_size=8,
+            hidden_size=32,
+            num_layers=2,
+            num_heads=4,
+            intermediate_size=64,
+        ),  # fmt: skip
         target=target,
-        tokenizer=_tokenizer(width=width, heads=heads, layers=2, intermediate=64, vision_width=32, vocab=1000,
-                             embed_dim=16, num_codes=128, code_dim=8, dec_layers=1, generation=generation),  # fmt: skip
+        tokenizer=_tokenizer(
+            width=width,
+            heads=heads,
+            layers=2,
+            intermediate=64,
+            vision_width=32,
+            vocab=1000,
+            embed_dim=16,
+            num_codes=128,
+            code_dim=8,
+            dec_layers=1,
+            generation=generation,
+        ),  # fmt: skip
     )
 
 
@@ -87,14 +117,42 @@ def small() -> Preset:
     blocks = DecoderConfig(width=width, num_layers=2, num_heads=heads, num_positions=NUM_QUERIES)
     return Preset(
         name="small",
-        vision=VisionEncoderConfig(arch="blip2", pretrained=None, image_size=64, patch_size=8, hidden_size=192,
-                                   num_layers=6, num_heads=6, intermediate_size=768),  # fmt: skip
-        target=TargetEncoderConfig(kind="clip_image", pretrained=None, image_size=64, patch_size=8, hidden_size=192,
-                                   num_layers=4, num_heads=6, intermediate_size=768, projection_dim=256),  # fmt: skip
-        tokenizer=_tokenizer(width=width, heads=heads, layers=4, intermediate=768, vision_width=192, vocab=4000,
-                             embed_dim=128, num_codes=1024, code_dim=32, dec_layers=2,
-                             generation=GenerationDecoderConfig(variant="v2", blocks=blocks, output_dim=256,
-                                                                mlp_dims=[128, 64, 16])),  # fmt: skip
+        vision=VisionEncoderConfig(
+            arch="blip2",
+            pretrained=None,
+            image_size=64,
+            patch_size=8,
+            hidden_size=192,
+            num_layers=6,
+            num_heads=6,
+            intermediate_size=768,
+        ),  # fmt: skip
+        target=TargetEncoderConfig(
+            kind="clip_image",
+            pretrained=None,
+            image_size=64,
+            patch_size=8,
+            hidden_size=192,
+            num_layers=4,
+            num_heads=6,
+            intermediate_size=768,
+            projection_dim=256,
+        ),  # fmt: skip
+        tokenizer=_tokenizer(
+            width=width,
+            heads=heads,
+            layers=4,
+            intermediate=768,
+            vision_width=192,
+            vocab=4000,
+            embed_dim=128,
+            num_codes=1024,
+            code_dim=32,
+            dec_layers=2,
+            generation=GenerationDecoderConfig(
+                variant="v2", blocks=blocks, output_dim=256, mlp_dims=[128, 64, 16]
+            ),
+        ),  # fmt: skip
     )
 
 
@@ -118,9 +176,15 @@ def paper_v1() -> Preset:
     return Preset(
         name="paper-v1",
         vision=VisionEncoderConfig(),
-        target=TargetEncoderConfig(kind="clip_text", pretrained="CompVis/stable-diffusion-v1-4",
-                                   subfolder="text_encoder", hidden_size=768, num_layers=12, num_heads=12,
-                                   intermediate_size=3072),  # fmt: skip
+        target=TargetEncoderConfig(
+            kind="clip_text",
+            pretrained="CompVis/stable-diffusion-v1-4",
+            subfolder="text_encoder",
+            hidden_size=768,
+            num_layers=12,
+            num_heads=12,
+            intermediate_size=3072,
+        ),  # fmt: skip
         tokenizer=_paper_tokenizer(GenerationDecoderConfig(variant="v1", output_dim=768)),
     )
 

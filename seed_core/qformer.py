@@ -66,7 +66,9 @@ class QFormerConfig:
                      "cross_attention_frequency", "encoder_hidden_size", "vocab_size",
                      "max_text_len", "embed_dim"):  # fmt: skip
             if getattr(self, name) <= 0:
-                raise ValueError(f"QFormerConfig.{name} must be positive, got {getattr(self, name)}")
+                raise ValueError(
+                    f"QFormerConfig.{name} must be positive, got {getattr(self, name)}"
+                )
         if self.hidden_size % self.num_heads:
             raise ValueError(
                 f"QFormerConfig.hidden_size ({self.hidden_size}) must be divisible by num_heads ({self.num_heads})"
@@ -92,7 +94,9 @@ class QFormerConfig:
         )
 
 
-def causal_query_mask(num_queries: int, *, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+def causal_query_mask(
+    num_queries: int, *, dtype: torch.dtype, device: torch.device
+) -> torch.Tensor:
     """Additive (1, 1, Q, Q) mask: 0 where query i may attend to query j (j <= i), dtype-min elsewhere.
 
     Additive rather than boolean because transformers' eager attention adds the mask to the scores,
@@ -120,7 +124,9 @@ class CausalQFormer(nn.Module):
         self.vision_projection = nn.Linear(config.hidden_size, config.embed_dim)
         self.text_projection = nn.Linear(config.hidden_size, config.embed_dim)
 
-    def forward(self, image_embeds_BPV: torch.Tensor, image_mask_BP: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(
+        self, image_embeds_BPV: torch.Tensor, image_mask_BP: torch.Tensor | None = None
+    ) -> torch.Tensor:
         """The query outputs (B, Q, D) for ViT tokens (B, P, Dv)."""
         B = image_embeds_BPV.shape[0]
         queries_BQD = self.query_tokens.expand(B, -1, -1)
@@ -138,10 +144,14 @@ class CausalQFormer(nn.Module):
         )
         return out.last_hidden_state  # (B, Q, D)
 
-    def encode_text(self, input_ids_BT: torch.Tensor, attention_mask_BT: torch.Tensor | None = None) -> torch.Tensor:
+    def encode_text(
+        self, input_ids_BT: torch.Tensor, attention_mask_BT: torch.Tensor | None = None
+    ) -> torch.Tensor:
         """The BERT text branch (B, T, D) as in BLIP-2; position 0 is the text feature for ITC."""
         embeds_BTD = self.embeddings(input_ids=input_ids_BT)
-        out = self.qformer(query_embeds=embeds_BTD, query_length=0, attention_mask=attention_mask_BT)
+        out = self.qformer(
+            query_embeds=embeds_BTD, query_length=0, attention_mask=attention_mask_BT
+        )
         return out.last_hidden_state
 
     def image_feature(self, queries_BQD: torch.Tensor) -> torch.Tensor:
@@ -153,7 +163,7 @@ class CausalQFormer(nn.Module):
         return nn.functional.normalize(self.text_projection(text_BTD[:, 0, :]), dim=-1)
 
     @classmethod
-    def from_blip2(cls, model: nn.Module, *, causal: bool = True) -> CausalQFormer:
+    def from_blip2(cls, model: Any, *, causal: bool = True) -> CausalQFormer:
         """Copy a transformers BLIP-2 model's Q-Former (+ query tokens, text embeddings, ITC heads).
 
         `model` is a `Blip2ForImageTextRetrieval` (everything is copied) or a `Blip2Model` (it has
@@ -181,10 +191,16 @@ class CausalQFormer(nn.Module):
         with torch.no_grad():
             qformer.query_tokens.copy_(model.query_tokens.detach().float())
         # strict=False only because a checkpoint without use_qformer_text_input lacks the text FFNs.
-        missing, unexpected = qformer.qformer.load_state_dict(model.qformer.state_dict(), strict=False)
+        missing, unexpected = qformer.qformer.load_state_dict(
+            model.qformer.state_dict(), strict=False
+        )
         if unexpected or any(".intermediate_query." in k or ".output_query." in k for k in missing):
-            raise ValueError(f"BLIP-2 Q-Former does not match: missing {missing[:5]}, unexpected {unexpected[:5]}")
-        copied_text = all(hasattr(model, n) for n in ("embeddings", "vision_projection", "text_projection"))
+            raise ValueError(
+                f"BLIP-2 Q-Former does not match: missing {missing[:5]}, unexpected {unexpected[:5]}"
+            )
+        copied_text = all(
+            hasattr(model, n) for n in ("embeddings", "vision_projection", "text_projection")
+        )
         if copied_text:
             qformer.embeddings.load_state_dict(model.embeddings.state_dict())
             qformer.vision_projection.load_state_dict(model.vision_projection.state_dict())

@@ -36,10 +36,14 @@ class QuantizerConfig:
     def __post_init__(self) -> None:
         for name in ("num_codes", "code_dim", "input_dim"):
             if getattr(self, name) <= 0:
-                raise ValueError(f"QuantizerConfig.{name} must be positive, got {getattr(self, name)}")
+                raise ValueError(
+                    f"QuantizerConfig.{name} must be positive, got {getattr(self, name)}"
+                )
         if self.num_codes > 32767:
             # token shards store codes as int16 (DESIGN.md): larger codebooks would overflow.
-            raise ValueError(f"QuantizerConfig.num_codes must be <= 32767 (int16 codes), got {self.num_codes}")
+            raise ValueError(
+                f"QuantizerConfig.num_codes must be <= 32767 (int16 codes), got {self.num_codes}"
+            )
         if self.beta < 0:
             raise ValueError(f"QuantizerConfig.beta must be >= 0, got {self.beta}")
 
@@ -78,15 +82,23 @@ def usage_and_perplexity(counts_K: torch.Tensor) -> tuple[torch.Tensor, torch.Te
 class VectorQuantizer(nn.Module):
     """z (B, Q, D) -> down -> nearest of K codes -> straight-through -> up -> (B, Q, D)."""
 
-    def __init__(self, num_codes: int, code_dim: int, beta: float = 0.25, *, input_dim: int = 768) -> None:
+    def __init__(
+        self, num_codes: int, code_dim: int, beta: float = 0.25, *, input_dim: int = 768
+    ) -> None:
         super().__init__()
-        self.config = QuantizerConfig(num_codes=num_codes, code_dim=code_dim, input_dim=input_dim, beta=beta)
+        self.config = QuantizerConfig(
+            num_codes=num_codes, code_dim=code_dim, input_dim=input_dim, beta=beta
+        )
         self.num_codes, self.code_dim, self.beta = num_codes, code_dim, beta
-        self.down = nn.Sequential(nn.Linear(input_dim, input_dim), nn.Tanh(), nn.Linear(input_dim, code_dim))
+        self.down = nn.Sequential(
+            nn.Linear(input_dim, input_dim), nn.Tanh(), nn.Linear(input_dim, code_dim)
+        )
         self.codebook = nn.Embedding(num_codes, code_dim)
         # taming's init: small uniform codes, so early assignments spread over the codebook.
         nn.init.uniform_(self.codebook.weight, -1.0 / num_codes, 1.0 / num_codes)
-        self.up = nn.Sequential(nn.Linear(code_dim, code_dim), nn.Tanh(), nn.Linear(code_dim, input_dim))
+        self.up = nn.Sequential(
+            nn.Linear(code_dim, code_dim), nn.Tanh(), nn.Linear(code_dim, input_dim)
+        )
 
     @classmethod
     def from_config(cls, config: QuantizerConfig) -> VectorQuantizer:
@@ -103,7 +115,9 @@ class VectorQuantizer(nn.Module):
     def embed_codes(self, indices_BQ: torch.Tensor) -> torch.Tensor:
         """Codes (B, Q) -> up-projected embeddings (B, Q, D) (the decoder input at inference)."""
         if indices_BQ.min() < 0 or indices_BQ.max() >= self.num_codes:
-            raise ValueError(f"codes must lie in [0, {self.num_codes}), got [{indices_BQ.min()}, {indices_BQ.max()}]")
+            raise ValueError(
+                f"codes must lie in [0, {self.num_codes}), got [{indices_BQ.min()}, {indices_BQ.max()}]"
+            )
         return self.up(self.codebook(indices_BQ.long()))
 
     def forward(self, z_BQD: torch.Tensor) -> QuantizerOutput:
@@ -111,7 +125,9 @@ class VectorQuantizer(nn.Module):
         indices_BQ = self.nearest_codes(z_BQC.detach())
         zq_BQC = self.codebook(indices_BQ)
         # legacy taming loss: commitment (weight 1) pulls z to the code, beta pulls the code to z.
-        loss = torch.mean((zq_BQC.detach() - z_BQC) ** 2) + self.beta * torch.mean((zq_BQC - z_BQC.detach()) ** 2)
+        loss = torch.mean((zq_BQC.detach() - z_BQC) ** 2) + self.beta * torch.mean(
+            (zq_BQC - z_BQC.detach()) ** 2
+        )
         zq_st_BQC = z_BQC + (zq_BQC - z_BQC).detach()  # straight-through estimator
         usage, perplexity = usage_and_perplexity(code_histogram(indices_BQ, self.num_codes))
         return QuantizerOutput(

@@ -34,13 +34,17 @@ def config_to_dict(config: Any) -> dict[str, Any]:
 def config_from_dict(cls: type[T], data: dict[str, Any], *, path: str = "") -> T:
     """Rebuild dataclass `cls` from `data`; unknown keys raise ValueError naming the key."""
     if not isinstance(data, dict):
-        raise ValueError(f"config {path or cls.__name__}: expected a mapping, got {type(data).__name__}")
+        raise ValueError(
+            f"config {path or cls.__name__}: expected a mapping, got {type(data).__name__}"
+        )
     hints = typing.get_type_hints(cls)
     fields = {f.name: f for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
     unknown = sorted(set(data) - set(fields))
     if unknown:
         where = f"{path}." if path else ""
-        raise ValueError(f"unknown config key(s) {', '.join(where + k for k in unknown)} for {cls.__name__}")
+        raise ValueError(
+            f"unknown config key(s) {', '.join(where + k for k in unknown)} for {cls.__name__}"
+        )
     kwargs = {}
     for name, value in data.items():
         kwargs[name] = _coerce(hints[name], value, f"{path}.{name}" if path else name)
@@ -54,14 +58,16 @@ def _coerce(hint: Any, value: Any, path: str) -> Any:
     if origin in (typing.Union, types.UnionType):
         for arg in typing.get_args(hint):
             if dataclasses.is_dataclass(arg) and isinstance(value, dict):
-                return config_from_dict(arg, value, path=path)
+                return config_from_dict(arg, value, path=path)  # type: ignore[arg-type]
         return value
     if origin is tuple and isinstance(value, list):
         return tuple(value)
     return value
 
 
-def save_pretrained_module(module: nn.Module, config: Any, directory: str | Path, *, kind: str) -> Path:
+def save_pretrained_module(
+    module: nn.Module, config: Any, directory: str | Path, *, kind: str
+) -> Path:
     """Write `config.json` (with `kind`) and `model.safetensors` into `directory`; no pickles."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)

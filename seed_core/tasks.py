@@ -61,9 +61,13 @@ class Stage1Config:
 
     def __post_init__(self) -> None:
         if not 0.001 <= self.temperature_init <= 0.5:
-            raise ValueError(f"Stage1Config.temperature_init must be in [0.001, 0.5], got {self.temperature_init}")
+            raise ValueError(
+                f"Stage1Config.temperature_init must be in [0.001, 0.5], got {self.temperature_init}"
+            )
         if not 0.0 <= self.label_smoothing < 1.0:
-            raise ValueError(f"Stage1Config.label_smoothing must be in [0, 1), got {self.label_smoothing}")
+            raise ValueError(
+                f"Stage1Config.label_smoothing must be in [0, 1), got {self.label_smoothing}"
+            )
 
 
 class Stage1Task(nn.Module):
@@ -77,7 +81,9 @@ class Stage1Task(nn.Module):
         """batch: patch_features (B, P, Dv), input_ids (B, T), attention_mask (B, T)."""
         queries_BQD = self.qformer(batch["patch_features"])
         image_BE = self.qformer.image_feature(queries_BQD)
-        text_BE = self.qformer.text_feature(self.qformer.encode_text(batch["input_ids"], batch["attention_mask"]))
+        text_BE = self.qformer.text_feature(
+            self.qformer.encode_text(batch["input_ids"], batch["attention_mask"])
+        )
         all_image_NE, offset = gather_with_grad(image_BE)
         all_text_NE, _ = gather_with_grad(text_BE)
         with torch.no_grad():
@@ -120,7 +126,11 @@ class Stage2Task(nn.Module):
         self.tokenizer = tokenizer
         self.tokenizer.qformer.requires_grad_(False)
         self.tokenizer.qformer.eval()
-        self.target_key = "target_image_embed" if tokenizer.config.generation.variant == "v2" else "target_text_cond"
+        self.target_key = (
+            "target_image_embed"
+            if tokenizer.config.generation.variant == "v2"
+            else "target_text_cond"
+        )
 
     def train(self, mode: bool = True) -> Stage2Task:
         super().train(mode)
@@ -131,14 +141,18 @@ class Stage2Task(nn.Module):
         if "causal_embeds" in batch:
             return batch["causal_embeds"].float()
         if "patch_features" not in batch:
-            raise ValueError("a stage-2 batch needs 'causal_embeds' (B, Q, D) or 'patch_features' (B, P, Dv)")
+            raise ValueError(
+                "a stage-2 batch needs 'causal_embeds' (B, Q, D) or 'patch_features' (B, P, Dv)"
+            )
         with torch.no_grad():
             return self.tokenizer.embed(batch["patch_features"].float())
 
     def forward(self, batch: dict[str, torch.Tensor]) -> TaskOutput:
         """batch: causal_embeds (B, Q, D) or patch_features (B, P, Dv); plus the v2/v1 target."""
         if self.target_key not in batch:
-            raise ValueError(f"a {self.tokenizer.config.generation.variant} stage-2 batch needs '{self.target_key}'")
+            raise ValueError(
+                f"a {self.tokenizer.config.generation.variant} stage-2 batch needs '{self.target_key}'"
+            )
         causal_BQD = self.causal_embeddings(batch)
         vq = self.tokenizer.quantize(causal_BQD)
         recon_BQD = self.tokenizer.reconstruction_decoder(vq.quantized)
@@ -155,4 +169,9 @@ class Stage2Task(nn.Module):
             "recon_cosine": cosine_BQ.mean().detach(),
             "target_mse": gen.detach(),
         }
-        return TaskOutput(loss=loss, terms={"vq": vq.loss, "recon": recon, "gen": gen}, metrics=metrics, codes=vq.indices)
+        return TaskOutput(
+            loss=loss,
+            terms={"vq": vq.loss, "recon": recon, "gen": gen},
+            metrics=metrics,
+            codes=vq.indices,
+        )

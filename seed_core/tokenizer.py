@@ -19,7 +19,12 @@ from typing import Any
 import torch
 from torch import nn
 
-from seed_core.decoders import DecoderConfig, GenerationDecoderConfig, ReconstructionDecoder, build_generation_decoder
+from seed_core.decoders import (
+    DecoderConfig,
+    GenerationDecoderConfig,
+    ReconstructionDecoder,
+    build_generation_decoder,
+)
 from seed_core.qformer import CausalQFormer, QFormerConfig
 from seed_core.quantizer import QuantizerConfig, QuantizerOutput, VectorQuantizer
 from seed_core.serialization import (
@@ -43,12 +48,21 @@ class SeedTokenizerConfig:
     def __post_init__(self) -> None:
         width, queries = self.qformer.hidden_size, self.qformer.num_queries
         if self.quantizer.input_dim != width:
-            raise ValueError(f"quantizer.input_dim ({self.quantizer.input_dim}) must equal qformer.hidden_size ({width})")
-        for name, dec in (("reconstruction", self.reconstruction), ("generation.blocks", self.generation.blocks)):
+            raise ValueError(
+                f"quantizer.input_dim ({self.quantizer.input_dim}) must equal qformer.hidden_size ({width})"
+            )
+        for name, dec in (
+            ("reconstruction", self.reconstruction),
+            ("generation.blocks", self.generation.blocks),
+        ):
             if dec.width != width:
-                raise ValueError(f"{name}.width ({dec.width}) must equal qformer.hidden_size ({width})")
+                raise ValueError(
+                    f"{name}.width ({dec.width}) must equal qformer.hidden_size ({width})"
+                )
             if dec.num_positions != queries:
-                raise ValueError(f"{name}.num_positions ({dec.num_positions}) must equal qformer.num_queries ({queries})")
+                raise ValueError(
+                    f"{name}.num_positions ({dec.num_positions}) must equal qformer.num_queries ({queries})"
+                )
 
     @property
     def num_codes(self) -> int:
@@ -109,7 +123,9 @@ class SeedTokenizer(nn.Module):
 
     @classmethod
     def from_pretrained(cls, directory: str | Path, *, map_location: Any = None) -> SeedTokenizer:
-        config = config_from_dict(SeedTokenizerConfig, read_pretrained_config(directory, kind="seed_tokenizer"))
+        config = config_from_dict(
+            SeedTokenizerConfig, read_pretrained_config(directory, kind="seed_tokenizer")
+        )
         tokenizer = load_pretrained_weights(cls(config), directory)
         return tokenizer.to(map_location) if map_location is not None else tokenizer  # type: ignore[return-value]
 

@@ -48,7 +48,9 @@ def test_random_init_is_seeded(tiny):
 
 def test_unreachable_hub_id_falls_back_loudly(tiny):
     """A hub id that cannot be reached (offline) falls back with the reason in the warning."""
-    cfg = VisionEncoderConfig(**{**tiny.vision.__dict__, "pretrained": "Salesforce/blip2-itm-vit-g"})
+    cfg = VisionEncoderConfig(
+        **{**tiny.vision.__dict__, "pretrained": "Salesforce/blip2-itm-vit-g"}
+    )
     with pytest.warns(RandomInitWarning, match="blip2-itm-vit-g"):
         enc = load_vision_encoder(cfg)
     assert enc.is_random_init
@@ -59,7 +61,9 @@ def test_loads_real_weights_from_a_local_directory(tmp_path, tiny):
     with pytest.warns(RandomInitWarning):
         first = load_vision_encoder(tiny.vision)
     first.model.save_pretrained(tmp_path / "vit")
-    enc = load_vision_encoder(VisionEncoderConfig(**{**tiny.vision.__dict__, "pretrained": str(tmp_path / "vit")}))
+    enc = load_vision_encoder(
+        VisionEncoderConfig(**{**tiny.vision.__dict__, "pretrained": str(tmp_path / "vit")})
+    )
     assert not enc.is_random_init and enc.source == str(tmp_path / "vit")
     x = torch.randn(1, 3, 32, 32)
     assert torch.equal(enc(x), first(x))
@@ -79,8 +83,15 @@ def test_loads_vision_tower_from_a_full_blip2_checkpoint(tmp_path):
     model = Blip2ForImageTextRetrieval(cfg).eval()
     model.save_pretrained(tmp_path / "blip2")
     enc = load_vision_encoder(
-        VisionEncoderConfig(pretrained=str(tmp_path / "blip2"), image_size=32, patch_size=8, hidden_size=32,
-                            num_layers=1, num_heads=4, intermediate_size=64)  # fmt: skip
+        VisionEncoderConfig(
+            pretrained=str(tmp_path / "blip2"),
+            image_size=32,
+            patch_size=8,
+            hidden_size=32,
+            num_layers=1,
+            num_heads=4,
+            intermediate_size=64,
+        )  # fmt: skip
     )
     x = torch.randn(1, 3, 32, 32)
     with torch.no_grad():

@@ -6,7 +6,12 @@ import sys
 import pytest
 import torch
 
-from seed_core.decoders import DecoderConfig, GenerationDecoderConfig, V1GenerationDecoder, V2GenerationDecoder
+from seed_core.decoders import (
+    DecoderConfig,
+    GenerationDecoderConfig,
+    V1GenerationDecoder,
+    V2GenerationDecoder,
+)
 from seed_core.presets import PRESETS, get_preset
 from seed_core.tokenizer import SeedTokenizer
 
@@ -22,9 +27,16 @@ def test_every_preset_is_consistent(name):
 def test_paper_shapes():
     """paper-v2/v1 carry the published shapes: ViT-g 257 x 1408, 12 x 768 Q-Former, 8192 x 32 codes."""
     v2, v1 = get_preset("paper_v2"), get_preset("paper-v1")
-    assert v2.vision.num_tokens == 257 and v2.vision.hidden_size == 1408 and v2.vision.num_layers == 39
+    assert (
+        v2.vision.num_tokens == 257 and v2.vision.hidden_size == 1408 and v2.vision.num_layers == 39
+    )
     q = v2.tokenizer.qformer
-    assert (q.hidden_size, q.num_layers, q.num_heads, q.cross_attention_frequency) == (768, 12, 12, 2)
+    assert (q.hidden_size, q.num_layers, q.num_heads, q.cross_attention_frequency) == (
+        768,
+        12,
+        12,
+        2,
+    )
     assert (v2.tokenizer.quantizer.num_codes, v2.tokenizer.quantizer.code_dim) == (8192, 32)
     assert v2.target.output_shape == (1024,) and v2.tokenizer.generation.mlp_dims == [256, 128, 32]
     assert v1.target.output_shape == (77, 768) and v1.tokenizer.generation.num_output_queries == 77
@@ -36,7 +48,10 @@ def test_paper_v2_tokenizer_builds_with_published_sizes():
     tok = SeedTokenizer(get_preset("paper-v2").tokenizer)
     assert tok.quantizer.codebook.weight.shape == (8192, 32)
     assert [m.out_features for m in tok.quantizer.down if hasattr(m, "out_features")] == [768, 32]
-    assert tok.generation_decoder.proj.in_features == 1024 and tok.generation_decoder.proj.out_features == 1024
+    assert (
+        tok.generation_decoder.proj.in_features == 1024
+        and tok.generation_decoder.proj.out_features == 1024
+    )
 
 
 def test_unknown_preset_lists_choices():
@@ -48,11 +63,15 @@ def test_unknown_preset_lists_choices():
 def test_v2_decoder_mlp_has_no_bias_and_v1_uses_reverse_qformer():
     """v2's per-token MLP is bias-free with ReLUs; v1 cross-attends every layer to the codes."""
     blocks = DecoderConfig(width=32, num_layers=1, num_heads=4)
-    v2 = V2GenerationDecoder(GenerationDecoderConfig(variant="v2", blocks=blocks, output_dim=16, mlp_dims=[16, 8, 4]))
+    v2 = V2GenerationDecoder(
+        GenerationDecoderConfig(variant="v2", blocks=blocks, output_dim=16, mlp_dims=[16, 8, 4])
+    )
     linears = [m for m in v2.token_mlp if isinstance(m, torch.nn.Linear)]
     assert [m.bias for m in linears] == [None, None, None]
     assert sum(isinstance(m, torch.nn.ReLU) for m in v2.token_mlp) == 2
-    v1 = V1GenerationDecoder(GenerationDecoderConfig(variant="v1", blocks=blocks, output_dim=8, reverse_qformer_layers=2))
+    v1 = V1GenerationDecoder(
+        GenerationDecoderConfig(variant="v1", blocks=blocks, output_dim=8, reverse_qformer_layers=2)
+    )
     assert all(layer.has_cross_attention for layer in v1.reverse_qformer.encoder.layer)
     assert v1(torch.randn(2, 32, 32)).shape == (2, 77, 8)
 

@@ -54,7 +54,9 @@ def test_perturbing_query_j_leaves_earlier_queries_unchanged(tiny, patch_feature
     q = CausalQFormer(tiny.tokenizer.qformer).eval()
     with torch.no_grad():
         before = q(patch_features)
-        q.query_tokens[0, j] += torch.randn(q.config.hidden_size)  # random: LayerNorm removes a constant shift
+        q.query_tokens[0, j] += torch.randn(
+            q.config.hidden_size
+        )  # random: LayerNorm removes a constant shift
         after = q(patch_features)
     assert torch.equal(before[:, :j], after[:, :j])
     assert (before[:, j] - after[:, j]).abs().max() > 1e-3

@@ -5,7 +5,12 @@ import math
 import pytest
 import torch
 
-from seed_core.quantizer import QuantizerConfig, VectorQuantizer, code_histogram, usage_and_perplexity
+from seed_core.quantizer import (
+    QuantizerConfig,
+    VectorQuantizer,
+    code_histogram,
+    usage_and_perplexity,
+)
 
 
 @pytest.fixture
@@ -20,7 +25,7 @@ def test_shapes_dtypes_and_range(vq):
     assert out.quantized.shape == (3, 32, 32)
     assert out.codes_embed.shape == out.projected.shape == (3, 32, 8)
     assert out.indices.shape == (3, 32) and out.indices.dtype == torch.int64
-    assert 0 <= out.indices.min() and out.indices.max() < 64
+    assert out.indices.min() >= 0 and out.indices.max() < 64
 
 
 def test_indices_are_the_euclidean_nearest_codes(vq):
@@ -47,7 +52,9 @@ def test_loss_gradients_split_commitment_and_codebook(vq):
     z, zq = out.projected.detach(), vq.codebook.weight[out.indices].detach()
     n = z.numel()
     expected_code_grad = torch.zeros_like(vq.codebook.weight)
-    expected_code_grad.index_add_(0, out.indices.reshape(-1), (0.25 * 2 * (zq - z) / n).reshape(-1, 8))
+    expected_code_grad.index_add_(
+        0, out.indices.reshape(-1), (0.25 * 2 * (zq - z) / n).reshape(-1, 8)
+    )
     assert torch.allclose(vq.codebook.weight.grad, expected_code_grad, atol=1e-7)
 
 

@@ -13,8 +13,14 @@ from seed_core.tasks import Stage1Config, Stage1Task, Stage2Task
 
 def text_batch(tiny, patch_features, seed=2):
     g = torch.Generator().manual_seed(seed)
-    ids = torch.randint(1, tiny.tokenizer.qformer.vocab_size, (patch_features.shape[0], 10), generator=g)
-    return {"patch_features": patch_features, "input_ids": ids, "attention_mask": torch.ones_like(ids)}
+    ids = torch.randint(
+        1, tiny.tokenizer.qformer.vocab_size, (patch_features.shape[0], 10), generator=g
+    )
+    return {
+        "patch_features": patch_features,
+        "input_ids": ids,
+        "attention_mask": torch.ones_like(ids),
+    }
 
 
 def test_stage1_itc_loss_and_gradients(tiny, tiny_tokenizer, patch_features):
@@ -111,7 +117,11 @@ def _itc_worker(rank, world, port, features, ids, results):
         torch.manual_seed(0)
         task = Stage1Task(CausalQFormer(tiny().tokenizer.qformer)).eval()
         half = slice(rank * 2, rank * 2 + 2)
-        batch = {"patch_features": features[half], "input_ids": ids[half], "attention_mask": torch.ones_like(ids[half])}
+        batch = {
+            "patch_features": features[half],
+            "input_ids": ids[half],
+            "attention_mask": torch.ones_like(ids[half]),
+        }
         out = task(batch)
         out.loss.backward()
         results[rank] = (out.loss.item(), task.qformer.query_tokens.grad.clone())
@@ -133,6 +143,11 @@ def test_stage1_gathers_negatives_across_ranks(tiny, patch_features):
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     results = mp.Manager().dict()
-    mp.spawn(_itc_worker, args=(2, port, patch_features, batch["input_ids"], results), nprocs=2, join=True)
+    mp.spawn(
+        _itc_worker,
+        args=(2, port, patch_features, batch["input_ids"], results),
+        nprocs=2,
+        join=True,
+    )
     mean_loss = (results[0][0] + results[1][0]) / 2
     assert mean_loss == pytest.approx(single, rel=1e-5)

@@ -14,7 +14,7 @@ def test_encode_decode_shapes(tiny, tiny_tokenizer, patch_features):
     """encode -> (B, 32) int64 codes in [0, K); reconstruct -> (B, 32, D); decode -> the target shape."""
     codes = tiny_tokenizer.encode(patch_features)
     assert codes.shape == (4, 32) and codes.dtype == torch.int64
-    assert 0 <= codes.min() and codes.max() < tiny.tokenizer.num_codes
+    assert codes.min() >= 0 and codes.max() < tiny.tokenizer.num_codes
     assert tiny_tokenizer.reconstruct(codes).shape == (4, 32, tiny.tokenizer.qformer.hidden_size)
     assert tiny_tokenizer.decode(codes).shape == (4, *tiny.target.output_shape)
 
@@ -31,9 +31,13 @@ def test_encode_embeddings_agrees_with_encode(tiny_tokenizer, patch_features):
     """Codes from cached causal embeddings equal codes from patch features (the qembeds path)."""
     with torch.no_grad():
         causal = tiny_tokenizer.embed(patch_features)
-    assert torch.equal(tiny_tokenizer.encode_embeddings(causal), tiny_tokenizer.encode(patch_features))
+    assert torch.equal(
+        tiny_tokenizer.encode_embeddings(causal), tiny_tokenizer.encode(patch_features)
+    )
     # fp16 storage of the embeddings (the qembeds parquet dtype) keeps codes nearly all the same
-    same = (tiny_tokenizer.encode_embeddings(causal.half()) == tiny_tokenizer.encode(patch_features)).float()
+    same = (
+        tiny_tokenizer.encode_embeddings(causal.half()) == tiny_tokenizer.encode(patch_features)
+    ).float()
     assert same.mean() > 0.95
 
 
@@ -50,7 +54,10 @@ def test_determinism_at_fixed_seed(tiny, patch_features):
 def test_save_load_round_trip_is_exact(tmp_path, tiny_tokenizer, patch_features):
     """from_pretrained(save_pretrained(t)) reproduces codes, reconstructions, decodes and digest exactly."""
     tiny_tokenizer.save_pretrained(tmp_path / "tok")
-    assert sorted(p.name for p in (tmp_path / "tok").iterdir()) == ["config.json", "model.safetensors"]
+    assert sorted(p.name for p in (tmp_path / "tok").iterdir()) == [
+        "config.json",
+        "model.safetensors",
+    ]
     loaded = SeedTokenizer.from_pretrained(tmp_path / "tok").eval()
     assert loaded.config == tiny_tokenizer.config
     codes = tiny_tokenizer.encode(patch_features)

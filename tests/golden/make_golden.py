@@ -31,9 +31,15 @@ def compute() -> dict:
     with torch.no_grad():
         codes = tokenizer.encode(features)
         stage1 = Stage1Task(tokenizer.qformer).eval()(
-            {"patch_features": features, "input_ids": input_ids, "attention_mask": torch.ones_like(input_ids)}
+            {
+                "patch_features": features,
+                "input_ids": input_ids,
+                "attention_mask": torch.ones_like(input_ids),
+            }
         )
-        stage2 = Stage2Task(tokenizer).eval()({"patch_features": features, "target_image_embed": target})
+        stage2 = Stage2Task(tokenizer).eval()(
+            {"patch_features": features, "target_image_embed": target}
+        )
         decoded = tokenizer.decode(codes)
     return {
         "codes": codes.tolist(),

@@ -1,0 +1,32 @@
+"""The seedpipe console script: installed, --help and version work."""
+
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+from jobs.cli import main, version_info
+
+
+def test_version_lists_the_stack(capsys):
+    """`seedpipe version` prints seedpipe's and torch's versions (torch pinned to 2.13.0)."""
+    assert main(["version"]) == 0
+    out = capsys.readouterr().out
+    assert "seedpipe" in out and version_info()["torch"].startswith("2.13.0")
+
+
+def test_presets_lists_every_preset(capsys):
+    """`seedpipe presets` lists tiny, small and the paper presets with their codebooks."""
+    assert main(["presets"]) == 0
+    out = capsys.readouterr().out
+    for name in ("tiny", "small", "paper-v1", "paper-v2"):
+        assert name in out
+    assert "8192 x 32" in out
+
+
+def test_console_script_help():
+    """The installed `seedpipe` entry point answers --help with its subcommands."""
+    exe = shutil.which("seedpipe", path=str(Path(sys.executable).parent))
+    assert exe, "seedpipe console script not installed in this environment"
+    out = subprocess.run([exe, "--help"], capture_output=True, text=True, timeout=60, check=True).stdout
+    assert "version" in out and "presets" in out
