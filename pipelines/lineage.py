@@ -11,6 +11,7 @@
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import warnings
 from collections.abc import Iterator, Mapping
@@ -99,7 +100,7 @@ class StageRun:
         dataset = MetaDataset(source=source, name=name, digest=digest[:36])
         tags = {"digest": digest} | ({"rows": str(rows)} if rows is not None else {})
         mlflow.log_input(dataset, context=context, tags=tags)
-        mlflow.set_tag(f"{context}.{name}", digest)
+        mlflow.set_tag(f"{context}.{re.sub(r'[^A-Za-z0-9_./: -]', '_', name)}", digest)
 
     def log_metrics(self, metrics: Mapping[str, float], step: int | None = None) -> None:
         mlflow.log_metrics({k: float(v) for k, v in metrics.items()}, step=step)
