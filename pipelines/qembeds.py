@@ -28,7 +28,10 @@ from pipelines.stage import Resources, ShardTask, ShardWorker, StageResult, plan
 
 
 def read_features_schema(catalog: Catalog, features_dir: str) -> pa.Schema:
-    """The schema of a features dataset (from its first committed file)."""
+    """The schema of a features dataset, from its first readable committed file.
+
+    An unreadable file is skipped here: the worker that builds from it reports that shard failed.
+    """
     import pyarrow.parquet as pq
 
     files = catalog.committed_files(features_dir)
@@ -36,8 +39,14 @@ def read_features_schema(catalog: Catalog, features_dir: str) -> pa.Schema:
         raise ValueError(
             f"no committed features shards in {features_dir}: run `seedpipe features` first"
         )
-    with catalog.fs.open_input_file(files[0]) as f:
-        return pq.read_schema(f)
+    errors = []
+    for path in files:
+        try:
+            with catalog.fs.open_input_file(path) as f:
+                return pq.read_schema(f)
+        except (OSError, pa.ArrowException) as err:
+            errors.append(f"{path}: {err}")
+    raise ValueError("no readable features shard: " + "; ".join(errors[:3]))
 
 
 class QEmbedsShardWorker(ShardWorker):

@@ -241,11 +241,15 @@ class ShardWorker:
         final = f"{task.output_dir}/{name}"
         tmp = self.catalog.temp_path(final)
         rows = 0
-        with fs.open_output_stream(tmp) as sink, pq.ParquetWriter(sink, schema) as writer:
-            for table in batches:
-                check_table(table, schema)
-                writer.write_table(table.cast(schema))  # adds nullability + the schema metadata
-                rows += table.num_rows
+        try:
+            with fs.open_output_stream(tmp) as sink, pq.ParquetWriter(sink, schema) as writer:
+                for table in batches:
+                    check_table(table, schema)
+                    writer.write_table(table.cast(schema))  # adds nullability + the schema metadata
+                    rows += table.num_rows
+        except BaseException:
+            fs.delete_file(tmp)  # a failed shard leaves nothing behind
+            raise
         fs.move(tmp, final)
         return name, rows
 

@@ -38,3 +38,22 @@ def patch_features(tiny):
     """(4, P, Dv) seeded random ViT features for the tiny preset."""
     g = torch.Generator().manual_seed(1)
     return torch.randn(4, tiny.vision.num_tokens, tiny.vision.hidden_size, generator=g)
+
+
+@pytest.fixture(scope="session")
+def ray_session():
+    """One local Ray for the whole test session (Ray Data's testing guide): 2 CPUs, no dashboard."""
+    import ray
+
+    if not ray.is_initialized():
+        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False,
+                 runtime_env={"env_vars": {k: os.environ[k] for k in ("HF_HUB_OFFLINE", "WANDB_MODE") if k in os.environ}})  # fmt: skip
+    yield ray
+    ray.shutdown()
+
+
+@pytest.fixture
+def mlflow_env(tmp_path, monkeypatch):
+    """Each test gets the embedded MLflow store of its own catalog root (no MLFLOW_TRACKING_URI)."""
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    yield tmp_path
