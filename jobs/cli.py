@@ -10,6 +10,20 @@ import sys
 from collections.abc import Sequence
 from importlib import metadata
 
+# Subcommands implemented by a module's own `main(argv)`: `seedpipe NAME ...` == `python -m MODULE ...`.
+DELEGATED = {
+    "ingest": (
+        "pipelines.ingest",
+        "download a URL list with img2dataset into <root>/corpora/<corpus>/raw",
+    ),
+    "features": ("pipelines.features", "raw shards -> frozen ViT patch features + stage-2 targets"),
+    "qembeds": (
+        "pipelines.qembeds",
+        "features -> stage-1 causal embeddings (for stage-2 training)",
+    ),
+    "tokenize": ("pipelines.tokens", "features -> 32 image codes per image with a SeedTokenizer"),
+}
+
 STACK = ("torch", "ray", "deepspeed", "transformers", "peft", "mlflow", "pyarrow", "img2dataset")
 
 
@@ -33,7 +47,9 @@ def cmd_version(args: argparse.Namespace) -> int:
 def cmd_presets(args: argparse.Namespace) -> int:
     from seed_core.presets import PRESETS, get_preset
 
-    print(f"{'preset':10s} {'vision tokens':>14s} {'qformer':>14s} {'codebook':>10s} {'target':>10s}  weights")
+    print(
+        f"{'preset':10s} {'vision tokens':>14s} {'qformer':>14s} {'codebook':>10s} {'target':>10s}  weights"
+    )
     for name in PRESETS:
         p = get_preset(name)
         q, vq = p.tokenizer.qformer, p.tokenizer.quantizer
@@ -45,18 +61,59 @@ def cmd_presets(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_ui(args: argparse.Namespace) -> int:
+    """Open the MLflow UI on the catalog's tracking store (embedded SQLite unless MLFLOW_TRACKING_URI)."""
+    import subprocess
+
+    from pipelines.catalog import Catalog
+    from pipelines.lineage import tracking_uri
+
+    catalog = Catalog(args.root)
+    uri = tracking_uri(catalog)
+    cmd = [
+        sys.executable,
+        "-m",
+        "mlflow",
+        "ui",
+        "--backend-store-uri",
+        uri,
+        "--host",
+        args.host,
+        "--port",
+        str(args.port),
+    ]
+    print("running:", " ".join(cmd), flush=True)
+    return subprocess.call(cmd)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="seedpipe",
         description="SEED image tokenizer + LoRA LLM as a Ray Data / Ray Train / DeepSpeed pipeline with MLflow lineage.",
     )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
-    sub.add_parser("version", help="print seedpipe's version and its stack's").set_defaults(func=cmd_version)
-    sub.add_parser("presets", help="list the model presets and their shapes").set_defaults(func=cmd_presets)
+    sub.add_parser("version", help="print seedpipe's version and its stack's").set_defaults(
+        func=cmd_version
+    )
+    sub.add_parser("presets", help="list the model presets and their shapes").set_defaults(
+        func=cmd_presets
+    )
+    ui = sub.add_parser("ui", help="open the MLflow UI on the catalog's tracking store")
+    ui.add_argument("--root", default="./seed-data")
+    ui.add_argument("--host", default="127.0.0.1")
+    ui.add_argument("--port", type=int, default=5000)
+    ui.set_defaults(func=cmd_ui)
+    for name, (_module, text) in DELEGATED.items():
+        sub.add_parser(name, help=f"{text} (`seedpipe {name} --help`)", add_help=False)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] in DELEGATED:
+        import importlib
+
+        return importlib.import_module(DELEGATED[argv[0]][0]).main(argv[1:])
     args = build_parser().parse_args(argv)
     return args.func(args)
 

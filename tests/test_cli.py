@@ -28,5 +28,23 @@ def test_console_script_help():
     """The installed `seedpipe` entry point answers --help with its subcommands."""
     exe = shutil.which("seedpipe", path=str(Path(sys.executable).parent))
     assert exe, "seedpipe console script not installed in this environment"
-    out = subprocess.run([exe, "--help"], capture_output=True, text=True, timeout=60, check=True).stdout
+    out = subprocess.run(
+        [exe, "--help"], capture_output=True, text=True, timeout=60, check=True
+    ).stdout
     assert "version" in out and "presets" in out
+
+
+def test_stage_subcommands_delegate_to_their_modules(capsys, tmp_path):
+    """`seedpipe features ... --dry-run` runs pipelines.features.main: it prints the plan and writes nothing."""
+    from pipelines.catalog import Catalog
+    from tests.raw_fixture import make_raw_corpus
+
+    make_raw_corpus(Catalog(tmp_path), "c", num_shards=2, per_shard=2)
+    assert (
+        main(
+            ["features", "--root", str(tmp_path), "--corpus", "c", "--encoder", "tiny", "--dry-run"]
+        )
+        == 0
+    )
+    assert "2 to build, 0 up to date, 0 stale, 0 orphaned" in capsys.readouterr().out
+    assert not (tmp_path / "corpora" / "c" / "features").exists()
