@@ -38,6 +38,8 @@ class TaskOutput:
     """Detached scalars to log."""
     codes: torch.Tensor | None = None
     """(B, Q) codes of the batch (stage 2), for codebook-usage accounting across steps."""
+    projected: torch.Tensor | None = None
+    """(B, Q, C) detached down-projected encoder outputs (stage 2): candidates to re-seed dead codes."""
 
 
 def gather_with_grad(x_BE: torch.Tensor) -> tuple[torch.Tensor, int]:

@@ -1,0 +1,172 @@
+"""Job configuration: dataclass defaults < YAML file < `key.sub=value` overrides (OmegaConf).
+
+One library for the whole repo: OmegaConf structured configs. Unknown keys and values of the
+wrong type fail naming the full key (OmegaConf), values out of range fail naming the field (the
+dataclasses' `__post_init__`). The resolved config is saved as YAML with the run, with every
+checkpoint, and logged to MLflow.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TypeVar
+
+from omegaconf import OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+T = TypeVar("T")
+CONFIG_DIR = Path(__file__).resolve().parent / "configs"
+
+
+class ConfigError(ValueError):
+    """A job config that cannot be used; the message names the key."""
+
+
+@dataclass(kw_only=True)
+class ScalingSettings:
+    """Ray Train ScalingConfig: 2 CPU workers with gloo here; 64 GPU workers on the cluster."""
+
+    num_workers: int = 2
+    use_gpu: bool = False
+    cpus_per_worker: float = 1.0
+    gpus_per_worker: float = 1.0
+    """Used only with use_gpu."""
+
+    def __post_init__(self) -> None:
+        if self.num_workers < 1:
+            raise ValueError(f"scaling.num_workers must be >= 1, got {self.num_workers}")
+        if self.cpus_per_worker <= 0:
+            raise ValueError(f"scaling.cpus_per_worker must be > 0, got {self.cpus_per_worker}")
+
+
+@dataclass(kw_only=True)
+class RunSettings:
+    """Where and how a run lives: Ray Train RunConfig + FailureConfig + checkpoint cadence."""
+
+    name: str = ""
+    """Run name (default: <job>-<corpus>). Re-launching with the same name resumes the run."""
+    storage_path: str = ""
+    """Default: <root>/runs."""
+    max_failures: int = 1
+    """Worker failures survived by restarting from the last checkpoint."""
+    checkpoint_every: int = 50
+    """Steps between DeepSpeed checkpoints."""
+    keep_checkpoints: int = 2
+    log_every: int = 10
+    """Steps between metric logs to MLflow."""
+    collective_timeout_s: int = 300
+    """torch.distributed timeout: a lost node fails the step in minutes, not 30."""
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.max_failures < -1:
+            raise ValueError(f"run.max_failures must be >= -1, got {self.max_failures}")
+        if self.checkpoint_every < 1:
+            raise ValueError(f"run.checkpoint_every must be >= 1, got {self.checkpoint_every}")
+        if self.log_every < 1:
+            raise ValueError(f"run.log_every must be >= 1, got {self.log_every}")
+        if self.keep_checkpoints < 1:
+            raise ValueError(f"run.keep_checkpoints must be >= 1, got {self.keep_checkpoints}")
+        if self.collective_timeout_s < 10:
+            raise ValueError(
+                f"run.collective_timeout_s must be >= 10, got {self.collective_timeout_s}"
+            )
+
+
+@dataclass(kw_only=True)
+class OptimSettings:
+    """AdamW with linear warmup and cosine decay, gradient clipping."""
+
+    lr: float = 1e-4
+    min_lr: float = 0.0
+    warmup_start_lr: float = 0.0
+    warmup_steps: int = 100
+    weight_decay: float = 0.05
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+    grad_clip: float = 1.0
+    batch_size_per_worker: int = 64
+    max_steps: int = 1000
+    """Total optimizer steps (the cosine horizon); epochs repeat the data as needed."""
+
+    def __post_init__(self) -> None:
+        if self.lr <= 0:
+            raise ValueError(f"optim.lr must be > 0, got {self.lr}")
+        if not 0 <= self.min_lr <= self.lr:
+            raise ValueError(f"optim.min_lr must be in [0, lr], got {self.min_lr}")
+        if self.warmup_steps < 0 or self.max_steps < 1:
+            raise ValueError("optim.warmup_steps must be >= 0 and optim.max_steps >= 1")
+        if self.batch_size_per_worker < 1:
+            raise ValueError(
+                f"optim.batch_size_per_worker must be >= 1, got {self.batch_size_per_worker}"
+            )
+        if len(self.betas) != 2:
+            raise ValueError(f"optim.betas must have 2 values, got {self.betas}")
+
+
+@dataclass(kw_only=True)
+class DeepSpeedSettings:
+    zero_stage: int = 2
+    precision: str = "auto"
+    """auto = bf16 on GPU, fp32 on CPU (DeepSpeed refuses fp16 on CPU); or fp32, bf16, fp16."""
+
+    def __post_init__(self) -> None:
+        if self.zero_stage not in (0, 1, 2, 3):
+            raise ValueError(f"deepspeed.zero_stage must be 0-3, got {self.zero_stage}")
+        if self.precision not in ("auto", "fp32", "bf16", "fp16"):
+            raise ValueError(
+                f"deepspeed.precision must be auto, fp32, bf16 or fp16, got {self.precision!r}"
+            )
+
+
+@dataclass(kw_only=True)
+class FaultSettings:
+    """Fault injection for tests: SIGKILL rank `rank`'s process once, at step `kill_at_step`."""
+
+    kill_at_step: int = -1
+    """-1 = off (the default)."""
+    rank: int = 0
+
+
+def load_config(
+    cls: type[T], config_path: str | Path | None = None, overrides: Sequence[str] = ()
+) -> T:
+    """Defaults of `cls` < YAML at `config_path` < dotted `key.sub=value` overrides."""
+    try:
+        merged = OmegaConf.structured(cls)
+        if config_path is not None:
+            merged = OmegaConf.merge(merged, OmegaConf.load(config_path))
+        bad = [o for o in overrides if "=" not in o]
+        if bad:
+            raise ConfigError(f"overrides must look like key.sub=value, got {bad}")
+        merged = OmegaConf.merge(merged, OmegaConf.from_dotlist(list(overrides)))
+        return OmegaConf.to_object(merged)  # type: ignore[return-value]
+    except OmegaConfBaseException as err:
+        key = getattr(err, "full_key", None)
+        raise ConfigError(
+            f"config key {key!r}: {str(err).splitlines()[0]}" if key else str(err)
+        ) from None
+
+
+def to_dict(config: Any) -> dict[str, Any]:
+    return dataclasses.asdict(config)
+
+
+def to_yaml(config: Any) -> str:
+    return OmegaConf.to_yaml(OmegaConf.structured(config))
+
+
+def save_config(config: Any, path: str | Path) -> Path:
+    """Write the resolved config as YAML (loads back with `load_config(type(config), path)`)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(to_yaml(config))
+    return path
+
+
+def split_cli(argv: Sequence[str]) -> tuple[list[str], list[str]]:
+    """Separate `key=value` overrides from flags (for entry points that take both)."""
+    overrides = [a for a in argv if "=" in a and not a.startswith("-")]
+    return [a for a in argv if a not in overrides], overrides

@@ -1,0 +1,313 @@
+"""One Ray Train + DeepSpeed training loop for every job (stage 1, stage 2, LoRA).
+
+A job supplies a `JobParts` builder (model/task, collate, eval, export); this module does the
+rest: DeepSpeed ZeRO from the config, AdamW + warmup/cosine, gradient clipping, the Ray Dataset
+shard, checkpoints with complete state (model/optimizer/scheduler via DeepSpeed, plus step, data
+position and RNG), resume from `ray.train.get_checkpoint()`, rank-0 MLflow logging through a
+`RunTracker` (stable run id, outage-proof), the end-of-run export.
+
+Data position: each rank reads its `streaming_split` shard in a deterministic order
+(`preserve_order`, seeded local shuffle per epoch) and counts batches; a resumed run skips the
+batches of the current epoch already consumed, so it sees the same next batches.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import math
+import os
+import random
+import signal
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+logger = logging.getLogger(__name__)
+STATE_FILE = "trainer_state.json"
+CONFIG_FILE = "config.yaml"
+
+
+@dataclass
+class JobParts:
+    """What a job hands the loop, built on every worker."""
+
+    task: nn.Module
+    """forward(batch) -> seed_core.tasks.TaskOutput."""
+    collate: Any
+    """A ray.data.collate_fn.ArrowBatchCollateFn: Arrow batch -> dict of tensors."""
+    export: Callable[[nn.Module, Path], None]
+    """Saves the trained model (from the unwrapped task) into a directory (rank 0)."""
+    evaluate: Callable[[nn.Module], dict[str, float]] | None = None
+    """Held-out metrics; called on every rank (ZeRO-3 needs all ranks in the forward)."""
+    on_step: Callable[[nn.Module, Any, int], dict[str, float]] | None = None
+    """Optional per-step hook (e.g. codebook-usage accounting, dead-code re-seeding)."""
+    final_artifacts: Callable[[nn.Module, Path], list[Path]] | None = None
+    """Plots etc. written at the end (rank 0)."""
+    extra_state: dict[str, Any] = field(default_factory=dict)
+
+
+def lr_lambda(
+    step: int,
+    *,
+    lr: float,
+    warmup_start_lr: float,
+    warmup_steps: int,
+    max_steps: int,
+    min_lr: float,
+) -> float:
+    """Multiplier of the base lr: linear warmup from warmup_start_lr, then cosine down to min_lr."""
+    if warmup_steps and step < warmup_steps:
+        return (warmup_start_lr + (lr - warmup_start_lr) * step / warmup_steps) / lr
+    progress = min(1.0, (step - warmup_steps) / max(1, max_steps - warmup_steps))
+    return (min_lr + 0.5 * (lr - min_lr) * (1 + math.cos(math.pi * progress))) / lr
+
+
+def param_groups(module: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
+    """Decay matrices only: biases, norms and 1-D parameters are not decayed."""
+    decay, no_decay = [], []
+    for _, p in module.named_parameters():
+        if p.requires_grad:
+            (decay if p.ndim >= 2 else no_decay).append(p)
+    return [
+        {"params": decay, "weight_decay": weight_decay},
+        {"params": no_decay, "weight_decay": 0.0},
+    ]
+
+
+def deepspeed_config(job: dict[str, Any], *, use_gpu: bool) -> dict[str, Any]:
+    precision = job["deepspeed"]["precision"]
+    if precision == "auto":
+        precision = "bf16" if use_gpu else "fp32"
+    return {
+        "train_micro_batch_size_per_gpu": job["optim"]["batch_size_per_worker"],
+        "gradient_accumulation_steps": 1,
+        "gradient_clipping": job["optim"]["grad_clip"],
+        "zero_optimization": {"stage": job["deepspeed"]["zero_stage"]},
+        "bf16": {"enabled": precision == "bf16"},
+        "fp16": {"enabled": precision == "fp16"},
+        "steps_per_print": 10**9,
+        "wall_clock_breakdown": False,
+    }
+
+
+def _rng_state() -> dict[str, Any]:
+    np_state = np.random.get_state()
+    return {"torch": torch.get_rng_state(), "numpy": [np_state[0], np_state[1].tolist(), *np_state[2:]],
+            "python": random.getstate()}  # fmt: skip
+
+
+def _set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    kind, keys, *rest = state["numpy"]
+    np.random.set_state((kind, np.asarray(keys, dtype=np.uint32), *rest))
+    random.setstate(tuple(x if not isinstance(x, list) else tuple(x) for x in state["python"]))
+
+
+def train_loop_per_worker(job: dict[str, Any]) -> None:
+    """Ray Train entry point: build, prepare, iterate the dataset shard, step, report."""
+    import importlib
+
+    import deepspeed
+    import ray.train
+    from ray.train import Checkpoint
+
+    from jobs.deepspeed_ops import configure_environment, ensure_ops
+
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    configure_environment()
+    ensure_ops()  # the comm op is prebuilt: load it under our flock before DeepSpeed looks for it
+    seed = job["run"]["seed"]
+    torch.manual_seed(seed + rank)
+    np.random.seed(seed + rank)
+    random.seed(seed + rank)
+    parts: JobParts = importlib.import_module(job["_job_module"]).build_parts(
+        job, rank=rank, world=world
+    )
+    optim = job["optim"]
+    optimizer = torch.optim.AdamW(
+        param_groups(parts.task, optim["weight_decay"]), lr=optim["lr"], betas=tuple(optim["betas"])
+    )
+    schedule = torch.optim.lr_scheduler.LambdaLR(
+        optimizer,
+        lambda s: lr_lambda(s, lr=optim["lr"], warmup_start_lr=optim["warmup_start_lr"],
+                            warmup_steps=optim["warmup_steps"], max_steps=optim["max_steps"], min_lr=optim["min_lr"]),
+    )  # fmt: skip
+    engine, _, _, _ = deepspeed.initialize(
+        model=parts.task, optimizer=optimizer, lr_scheduler=schedule,
+        config=deepspeed_config(job, use_gpu=job["scaling"]["use_gpu"]),
+    )  # fmt: skip
+    state = {"step": 0, "epoch": 0, "batches_in_epoch": 0}
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint:
+        with checkpoint.as_directory() as d:
+            state = json.loads(Path(d, STATE_FILE).read_text())
+            # DeepSpeed's own loader unpickles its state files: they are ours, written by this loop.
+            engine.load_checkpoint(d, tag=state["tag"], load_module_strict=True)
+            rng = Path(d, f"rng_rank{rank}.pt")
+            if rng.exists():
+                _set_rng_state(torch.load(rng, weights_only=False))
+        logger.warning(
+            "rank %d resumed at step %d (epoch %d, batch %d)",
+            rank,
+            state["step"],
+            state["epoch"],
+            state["batches_in_epoch"],
+        )
+
+    tracker = _open_tracker(job) if rank == 0 else None
+    shard = ray.train.get_dataset_shard("train")
+    max_steps, bs = optim["max_steps"], optim["batch_size_per_worker"]
+    run = job["run"]
+    fault = job["fault"]
+    step = state0 = state["step"]
+    start = time.monotonic()
+    while step < max_steps:
+        epoch = state["epoch"]
+        batches = shard.iter_torch_batches(batch_size=bs, drop_last=True, collate_fn=parts.collate,
+                                           local_shuffle_buffer_size=4 * bs, local_shuffle_seed=seed + epoch)  # fmt: skip
+        seen = 0
+        for batch in batches:
+            if seen < state["batches_in_epoch"]:
+                seen += 1  # consumed before the restart
+                continue
+            if fault["kill_at_step"] == step and fault["rank"] == rank:
+                _kill_once(job, step)
+            engine.train()
+            out = engine(batch)
+            engine.backward(out.loss)
+            engine.step()
+            step += 1
+            seen += 1
+            state.update(step=step, batches_in_epoch=seen)
+            metrics = _step_metrics(out, engine, world)
+            if parts.on_step:
+                metrics |= parts.on_step(engine.module, out, step)
+            if tracker and (step % run["log_every"] == 0 or step == max_steps):
+                metrics["samples_per_s"] = (step - state0) * bs * world / (time.monotonic() - start)
+                tracker.log_metrics(metrics, step=step)
+                _append_jsonl(
+                    Path(job["_run_dir"], "metrics.jsonl"), {"step": step, "metrics": metrics}
+                )
+            if parts.evaluate and job.get("eval_every") and step % job["eval_every"] == 0:
+                engine.eval()
+                with torch.no_grad():
+                    evals = parts.evaluate(engine.module)
+                if tracker:
+                    tracker.log_metrics({f"eval/{k}": v for k, v in evals.items()}, step=step)
+            if step % run["checkpoint_every"] == 0 or step == max_steps:
+                _save_and_report(engine, job, state, rank, metrics, Checkpoint)
+            if step >= max_steps:
+                break
+        if step < max_steps:
+            if seen == 0:
+                raise ValueError(
+                    "the training dataset shard yielded no full batch: more data or a smaller batch size"
+                )
+            state.update(epoch=state["epoch"] + 1, batches_in_epoch=0)
+    _finish(engine, parts, job, rank, tracker)
+
+
+def _append_jsonl(path: Path, record: dict[str, Any]) -> None:
+    with path.open("a") as f:
+        f.write(json.dumps(record) + "\n")
+
+
+def _step_metrics(out: Any, engine: Any, world: int) -> dict[str, float]:
+    """Loss terms averaged over ranks (one all-reduce), this rank's task metrics, the lr."""
+    import torch.distributed as dist
+
+    names = ["loss", *out.terms]
+    values = torch.stack(
+        [out.loss.detach().float(), *(t.detach().float() for t in out.terms.values())]
+    ).cpu()
+    if world > 1:
+        dist.all_reduce(values)
+        values /= world
+    metrics = dict(zip(names, values.tolist(), strict=True))
+    metrics |= {k: float(v) for k, v in out.metrics.items()}
+    metrics["lr"] = engine.get_lr()[0]
+    return metrics
+
+
+def _save_and_report(engine: Any, job: dict[str, Any], state: dict[str, Any], rank: int, metrics: dict[str, float],
+                     checkpoint_cls: Any) -> None:  # fmt: skip
+    """Every rank writes its DeepSpeed shard to a local dir; Ray Train merges them into one checkpoint."""
+    import ray.train
+
+    tag = f"step{state['step']:08d}"
+    with tempfile.TemporaryDirectory(prefix="seedpipe-ckpt-") as tmp:
+        engine.save_checkpoint(tmp, tag=tag)
+        torch.save(_rng_state(), Path(tmp, f"rng_rank{rank}.pt"))
+        if rank == 0:
+            Path(tmp, STATE_FILE).write_text(json.dumps(state | {"tag": tag}))
+            Path(tmp, CONFIG_FILE).write_text(job["_resolved_yaml"])
+        ray.train.report({k: v for k, v in metrics.items() if np.isfinite(v)} | {"step": state["step"]},
+                         checkpoint=checkpoint_cls.from_directory(tmp), checkpoint_dir_name=tag)  # fmt: skip
+
+
+def _kill_once(job: dict[str, Any], step: int) -> None:
+    """Fault injection: SIGKILL this process the first time step `kill_at_step` is reached in this run."""
+    marker = Path(job["_run_dir"], f"fault_injected_step{step}")
+    if marker.exists():
+        return
+    marker.parent.mkdir(parents=True, exist_ok=True)
+    marker.write_text(str(os.getpid()))
+    logger.warning("fault injection: SIGKILL rank process %d at step %d", os.getpid(), step)
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
+def _open_tracker(job: dict[str, Any]) -> Any:
+    from jobs.tracking import RunTracker
+
+    tracker = RunTracker(run_dir=job["_run_dir"], run_name=job["run"]["name"], tracking_uri=job["_tracking_uri"],
+                         tags={"job": job["_job_name"], "corpus": job["corpus"], "code_version": job["_code_version"]})  # fmt: skip
+    tracker.log_params(job["_params"])
+    for ds in job.get("_input_datasets", []):
+        tracker.log_dataset(**ds)
+    return tracker
+
+
+def _finish(engine: Any, parts: JobParts, job: dict[str, Any], rank: int, tracker: Any) -> None:
+    """Export the trained model (gathering ZeRO-3 partitions on all ranks), register it from rank 0."""
+    import deepspeed
+
+    params = list(engine.module.parameters())
+    gather = (
+        deepspeed.zero.GatheredParameters(params, modifier_rank=None)
+        if job["deepspeed"]["zero_stage"] == 3
+        else contextlib.nullcontext()
+    )
+    with gather:
+        if rank == 0:
+            out = Path(job["_run_dir"], "export")
+            parts.export(engine.module, out)
+            artifacts = (
+                parts.final_artifacts(engine.module, Path(job["_run_dir"]))
+                if parts.final_artifacts
+                else []
+            )
+            for path in artifacts:
+                tracker.log_artifact(path, "plots")
+            _register(job, tracker, out)
+    if tracker:
+        tracker.close()
+
+
+def _register(job: dict[str, Any], tracker: Any, out: Path) -> None:
+    from jobs.export import log_seed_model
+
+    info = log_seed_model(tracker, out, kind=job["_export_kind"], registered_name=job["register_as"],
+                          input_datasets=job.get("_input_datasets", []))  # fmt: skip
+    Path(job["_run_dir"], "registered_model.json").write_text(
+        json.dumps({"uri": info.model_uri, "digest": info.digest})
+    )
