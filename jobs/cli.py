@@ -22,6 +22,14 @@ DELEGATED = {
         "features -> stage-1 causal embeddings (for stage-2 training)",
     ),
     "tokenize": ("pipelines.tokens", "features -> 32 image codes per image with a SeedTokenizer"),
+    "train-tokenizer": (
+        "jobs.train_tokenizer",
+        "Ray Train + DeepSpeed: tokenizer stage 1 (--stage 1) or 2",
+    ),
+    "train-lora": (
+        "jobs.train_lora",
+        "Ray Train + DeepSpeed: LoRA-tune an LLM on image/text tokens",
+    ),
 }
 
 STACK = ("torch", "ray", "deepspeed", "transformers", "peft", "mlflow", "pyarrow", "img2dataset")

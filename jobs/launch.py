@@ -117,7 +117,13 @@ def launch(config: Any, *, job_name: str, job_module: str, export_kind: str, pre
     result = trainer.fit()
     registered = run_dir / "registered_model.json"
     if registered.exists():
-        print(f"{job_name}: registered {json.loads(registered.read_text())['uri']}", flush=True)
+        info = json.loads(registered.read_text())
+        print(
+            f"{job_name}: registered {info['uri']}"
+            if "uri" in info
+            else f"{job_name}: {info['deferred']}",
+            flush=True,
+        )
     return result
 
 

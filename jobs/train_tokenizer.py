@@ -250,10 +250,10 @@ def retrieval_recall(
     out = {}
     for k in ks:
         k_ = min(k, sim.shape[0])
-        out[f"i2t_r@{k}"] = (
+        out[f"i2t_recall_at_{k}"] = (
             (sim.topk(k_, dim=1).indices == target[:, None]).any(1).float().mean().item()
         )
-        out[f"t2i_r@{k}"] = (
+        out[f"t2i_recall_at_{k}"] = (
             (sim.t().topk(k_, dim=1).indices == target[:, None]).any(1).float().mean().item()
         )
     return out
@@ -428,7 +428,7 @@ def plot_losses(run_dir: Path) -> Path:
         for line in path.read_text().splitlines():
             rec = json.loads(line)
             for k, v in rec["metrics"].items():
-                if k == "loss" or k.startswith(("eval/",)) or k in ("itc", "vq", "recon", "gen"):
+                if k.startswith(("loss", "eval/")) or k in ("itc", "vq", "recon", "gen"):
                     history.setdefault(k, {})[rec["step"]] = v  # a resumed run rewrites its steps
     fig, ax = plt.subplots(figsize=(7, 4))
     for k, by_step in sorted(history.items()):
@@ -471,7 +471,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     config = cfg.load_config(cls, args.config, args.overrides)
     prepared = prepare_stage1(config) if args.stage == 1 else prepare_stage2(config)  # type: ignore[arg-type]
     prepared.extra["_stage"] = args.stage
-    result = launch(config, job_name=f"stage{args.stage}", job_module=__name__,
+    result = launch(config, job_name=f"stage{args.stage}", job_module="jobs.train_tokenizer",
                     export_kind="causal_qformer" if args.stage == 1 else "seed_tokenizer", prepared=prepared,
                     address=args.address)  # fmt: skip
     return 0 if result.error is None else 1

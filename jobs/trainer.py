@@ -77,10 +77,13 @@ def param_groups(module: nn.Module, weight_decay: float) -> list[dict[str, Any]]
     for _, p in module.named_parameters():
         if p.requires_grad:
             (decay if p.ndim >= 2 else no_decay).append(p)
-    return [
+    groups = [
         {"params": decay, "weight_decay": weight_decay},
         {"params": no_decay, "weight_decay": 0.0},
     ]
+    return [
+        g for g in groups if g["params"]
+    ]  # DeepSpeed drops empty groups, desyncing the scheduler
 
 
 def deepspeed_config(job: dict[str, Any], *, use_gpu: bool) -> dict[str, Any]:
@@ -203,7 +206,11 @@ def train_loop_per_worker(job: dict[str, Any]) -> None:
                 with torch.no_grad():
                     evals = parts.evaluate(engine.module)
                 if tracker:
-                    tracker.log_metrics({f"eval/{k}": v for k, v in evals.items()}, step=step)
+                    evals = {f"eval/{k}": v for k, v in evals.items()}
+                    tracker.log_metrics(evals, step=step)
+                    _append_jsonl(
+                        Path(job["_run_dir"], "metrics.jsonl"), {"step": step, "metrics": evals}
+                    )
             if step % run["checkpoint_every"] == 0 or step == max_steps:
                 _save_and_report(engine, job, state, rank, metrics, Checkpoint)
             if step >= max_steps:
@@ -267,8 +274,13 @@ def _kill_once(job: dict[str, Any], step: int) -> None:
 
 
 def _open_tracker(job: dict[str, Any]) -> Any:
+    import mlflow
+
     from jobs.tracking import RunTracker
 
+    # The run's store is also this process's global one: MLflow resolves `models:/` sources and
+    # registry calls through the global URI (a worker's default would be ./mlflow.db in its cwd).
+    mlflow.set_tracking_uri(job["_tracking_uri"])
     tracker = RunTracker(run_dir=job["_run_dir"], run_name=job["run"]["name"], tracking_uri=job["_tracking_uri"],
                          tags={"job": job["_job_name"], "corpus": job["corpus"], "code_version": job["_code_version"]})  # fmt: skip
     tracker.log_params(job["_params"])
@@ -304,10 +316,15 @@ def _finish(engine: Any, parts: JobParts, job: dict[str, Any], rank: int, tracke
 
 
 def _register(job: dict[str, Any], tracker: Any, out: Path) -> None:
-    from jobs.export import log_seed_model
+    from jobs.export import ModelExportDeferred, log_seed_model
 
-    info = log_seed_model(tracker, out, kind=job["_export_kind"], registered_name=job["register_as"],
-                          input_datasets=job.get("_input_datasets", []))  # fmt: skip
-    Path(job["_run_dir"], "registered_model.json").write_text(
-        json.dumps({"uri": info.model_uri, "digest": info.digest})
-    )
+    record = Path(job["_run_dir"], "registered_model.json")
+    try:
+        info = log_seed_model(tracker, out, kind=job["_export_kind"], registered_name=job["register_as"],
+                              input_datasets=job.get("_input_datasets", []))  # fmt: skip
+    except ModelExportDeferred as deferred:
+        # The model is trained and saved: a tracking outage must not fail (and so re-run) the job.
+        logger.error("%s", deferred)
+        record.write_text(json.dumps({"deferred": str(deferred)}))
+        return
+    record.write_text(json.dumps({"uri": info.model_uri, "digest": info.digest}))

@@ -47,8 +47,16 @@ def ensure_ray(address: str | None = None) -> None:
     if ray.is_initialized():
         return
     env = {k: os.environ[k] for k in WORKER_ENV_KEYS if k in os.environ}
+    address = address or os.environ.get("RAY_ADDRESS")
+    # A local Ray gets at least 4 logical CPUs: on a 2-core machine, 2 training workers would
+    # otherwise take every CPU slot and leave Ray Data's read tasks unschedulable (a silent hang).
+    local = {} if address else {"num_cpus": max(4, os.cpu_count() or 1)}
     ray.init(
-        address=address, runtime_env={"env_vars": env}, include_dashboard=False, log_to_driver=True
+        address=address,
+        runtime_env={"env_vars": env},
+        include_dashboard=False,
+        log_to_driver=True,
+        **local,
     )
     ray.data.DataContext.get_current().enable_progress_bars = (
         False  # our bar counts images, not shards

@@ -28,29 +28,33 @@ from pipelines.catalog import Catalog
 EXPERIMENT = "seedpipe"
 
 
+# MLflow 3 exports MLFLOW_TRACKING_URI itself on set_tracking_uri, so the variable alone cannot tell
+# a user's server from the embedded store we selected earlier in this process (another root).
+_EMBEDDED_URIS: set[str] = set()
+
+
 def tracking_uri(catalog: Catalog) -> str:
-    """MLFLOW_TRACKING_URI, or the embedded SQLite store beside the catalog (local roots only)."""
+    """MLFLOW_TRACKING_URI set by the user, or the embedded SQLite store beside the catalog (local roots)."""
     uri = os.environ.get("MLFLOW_TRACKING_URI")
-    if uri:
+    if uri and uri not in _EMBEDDED_URIS:
         return uri
     if "://" in catalog.root_uri:
         raise ValueError(
             f"root {catalog.root_uri} is not a local path: set MLFLOW_TRACKING_URI to a tracking server"
         )
     Path(catalog.base).mkdir(parents=True, exist_ok=True)
-    return f"sqlite:///{catalog.base}/mlflow.db"
+    embedded = f"sqlite:///{catalog.base}/mlflow.db"
+    _EMBEDDED_URIS.add(embedded)
+    return embedded
 
 
 def configure(catalog: Catalog, experiment: str = EXPERIMENT) -> str:
     """Point MLflow at the catalog's store and select (creating if needed) the experiment."""
     uri = tracking_uri(catalog)
+    embedded = uri in _EMBEDDED_URIS
     mlflow.set_tracking_uri(uri)
     if mlflow.get_experiment_by_name(experiment) is None:
-        artifacts = (
-            None
-            if os.environ.get("MLFLOW_TRACKING_URI")
-            else Path(catalog.base, "mlartifacts").as_uri()
-        )
+        artifacts = Path(catalog.base, "mlartifacts").as_uri() if embedded else None
         mlflow.create_experiment(experiment, artifact_location=artifacts)
     mlflow.set_experiment(experiment)
     return uri

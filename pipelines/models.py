@@ -22,13 +22,20 @@ def resolve_model(ref: str) -> ModelRef:
         import mlflow
 
         directory = mlflow.artifacts.download_artifacts(artifact_uri=ref)
-        # a pyfunc model keeps the safetensors directory under artifacts/<name>
-        found = sorted(Path(directory).rglob("model.safetensors"))
+        # a pyfunc model keeps the saved directory under artifacts/<name>: a LoRA export (adapter
+        # config) wins over the tiny base model it may carry; else the seed_core model directory
+        root = Path(directory)
+        found = sorted(p.parent for p in root.rglob("adapter_config.json")) or sorted(
+            p.parent for p in root.rglob("model.safetensors")
+        )
         if not found:
-            raise ValueError(f"{ref} holds no model.safetensors (not a seedpipe model)")
+            raise ValueError(
+                f"{ref} holds neither a LoRA adapter nor a model.safetensors (not a seedpipe model)"
+            )
+        found = [min(found, key=lambda p: len(p.parts))]
         parts = ref[len("models:/") :].strip("/").split("/")
         name = "-v".join(parts) if len(parts) == 2 else parts[0]
-        return ModelRef(directory=str(found[0].parent), name=name.replace("@", "-"), uri=ref)
+        return ModelRef(directory=str(found[0]), name=name.replace("@", "-"), uri=ref)
     path = Path(ref).expanduser()
     if not (path / "config.json").is_file():
         raise ValueError(f"{ref}: not a model directory (no config.json) and not a models:/ URI")

@@ -13,7 +13,7 @@ Server paths (all GET):
     /flaky/<name>      HTTP 500 for the first `flaky_failures` requests of that path, then the image
     /redirect/<name>   302 to /img/<name>
     /redirect-to?url=U 302 to U (any target: for redirect-guard tests, never followed by the server)
-    /404, /500         those statuses
+    /403, /404, /500   those statuses
     /stall             sleeps `stall_s` seconds (ends by itself, or when the server stops), then
                        sends an image: longer than a test's download timeout
     /not-image         text bytes served as image/jpeg
@@ -189,7 +189,7 @@ class _Handler(BaseHTTPRequestHandler):
     owner: ImageServer
     protocol_version = "HTTP/1.0"
 
-    def log_message(self, format: str, *args: object) -> None:  # noqa: A002 (stdlib signature)
+    def log_message(self, format: str, *args: object) -> None:
         pass
 
     def _send(self, status: int, body: bytes = b"", ctype: str = "text/plain", **headers: str):
@@ -204,7 +204,7 @@ class _Handler(BaseHTTPRequestHandler):
         except (BrokenPipeError, ConnectionResetError):
             pass  # the client gave up (e.g. after its timeout): nothing to do
 
-    def do_GET(self) -> None:  # noqa: N802 (stdlib name)
+    def do_GET(self) -> None:
         owner = self.owner
         parts = urlsplit(self.path)
         path = parts.path
@@ -221,6 +221,8 @@ class _Handler(BaseHTTPRequestHandler):
         elif path == "/redirect-to":
             target = parse_qs(parts.query).get("url", [""])[0]
             self._send(302, b"", Location=target)
+        elif path == "/403":
+            self._send(403, b"forbidden")
         elif path == "/500":
             self._send(500, b"internal error")
         elif path == "/stall":
@@ -251,12 +253,15 @@ def write_url_list(
     records = [
         dict(r) if isinstance(r, Mapping) else dict(zip(columns, r, strict=True)) for r in rows
     ]
-    if fmt in ("tsv", "csv"):
+    if fmt == "tsv":  # unquoted, like the CC3M/CC12M files: a value cannot hold a tab or newline
+        lines = [list(columns)] if header else []
+        lines += [[str(r.get(c) or "") for c in columns] for r in records]
+        if any(ch in v for line in lines for v in line for ch in "\t\r\n"):
+            raise ValueError("tsv values cannot contain tabs or newlines")
+        path.write_text("".join("\t".join(line) + "\n" for line in lines), encoding="utf-8")
+    elif fmt == "csv":
         with open(path, "w", newline="", encoding="utf-8") as f:
-            if fmt == "tsv":  # the CC3M/CC12M files are unquoted
-                writer = csv.writer(f, delimiter="\t", quoting=csv.QUOTE_NONE, escapechar="\\")
-            else:
-                writer = csv.writer(f)
+            writer = csv.writer(f)
             if header:
                 writer.writerow(columns)
             for r in records:

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import torch
-from safetensors.torch import load_model, save_model
+from safetensors.torch import load_file, save_file
 from torch import nn
 
 CONFIG_FILE = "config.json"
@@ -73,8 +73,10 @@ def save_pretrained_module(
     directory.mkdir(parents=True, exist_ok=True)
     payload = {"kind": kind, "config": config_to_dict(config)}
     (directory / CONFIG_FILE).write_text(json.dumps(payload, indent=2, sort_keys=True))
-    # save_model (not save_file) de-duplicates tied tensors instead of failing on them.
-    save_model(module, str(directory / WEIGHTS_FILE))
+    # Contiguous copies: under DeepSpeed ZeRO the parameters are views into flat buffers, which
+    # safetensors refuses to save as they are. (seed_core modules tie no weights.)
+    state = {k: v.detach().cpu().contiguous().clone() for k, v in module.state_dict().items()}
+    save_file(state, str(directory / WEIGHTS_FILE), metadata={"format": "pt"})
     return directory
 
 
@@ -91,7 +93,9 @@ def read_pretrained_config(directory: str | Path, *, kind: str) -> dict[str, Any
 
 def load_pretrained_weights(module: nn.Module, directory: str | Path) -> nn.Module:
     """Load `model.safetensors` into `module` strictly (every key must match)."""
-    missing, unexpected = load_model(module, str(Path(directory) / WEIGHTS_FILE), strict=False)
+    missing, unexpected = module.load_state_dict(
+        load_file(str(Path(directory) / WEIGHTS_FILE)), strict=False
+    )
     if missing or unexpected:
         raise ValueError(
             f"weights in {directory} do not match the architecture: missing {sorted(missing)[:5]}, "

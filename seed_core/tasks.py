@@ -77,7 +77,8 @@ class Stage1Task(nn.Module):
         super().__init__()
         self.config = config or Stage1Config()
         self.qformer = qformer
-        self.temperature = nn.Parameter(torch.tensor(self.config.temperature_init))
+        # shape (1,), not a 0-d scalar: DeepSpeed's CPU shared-memory broadcast cannot view 0-d tensors.
+        self.temperature = nn.Parameter(torch.tensor([self.config.temperature_init]))
 
     def forward(self, batch: dict[str, torch.Tensor]) -> TaskOutput:
         """batch: patch_features (B, P, Dv), input_ids (B, T), attention_mask (B, T)."""
@@ -102,7 +103,7 @@ class Stage1Task(nn.Module):
             metrics = {
                 "acc_i2t": (logits_i2t_BN.argmax(1) == targets_B).float().mean(),
                 "acc_t2i": (logits_t2i_BN.argmax(1) == targets_B).float().mean(),
-                "temperature": self.temperature.detach().clone(),
+                "temperature": self.temperature.detach()[0].clone(),
             }
         return TaskOutput(loss=itc, terms={"itc": itc}, metrics=metrics)
 

@@ -42,11 +42,14 @@ def patch_features(tiny):
 
 @pytest.fixture(scope="session")
 def ray_session():
-    """One local Ray for the whole test session (Ray Data's testing guide): 2 CPUs, no dashboard."""
+    """One local Ray for the whole test session (Ray Data's testing guide), no dashboard.
+
+    4 logical CPUs on 2 cores: 2 training workers plus Ray Data's read tasks must all be schedulable.
+    """
     import ray
 
     if not ray.is_initialized():
-        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False,
+        ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False,
                  runtime_env={"env_vars": {k: os.environ[k] for k in ("HF_HUB_OFFLINE", "WANDB_MODE") if k in os.environ}})  # fmt: skip
     yield ray
     ray.shutdown()
@@ -57,3 +60,21 @@ def mlflow_env(tmp_path, monkeypatch):
     """Each test gets the embedded MLflow store of its own catalog root (no MLFLOW_TRACKING_URI)."""
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     yield tmp_path
+
+
+@pytest.fixture(autouse=True)
+def _isolate_mlflow_global_uri():
+    """MLflow keeps a process-wide tracking URI (and exports it to the environment): reset both after
+    each test so one test's store never leaks into the next."""
+    import sys
+
+    env = os.environ.get("MLFLOW_TRACKING_URI")
+    yield
+    if "mlflow" in sys.modules:
+        from mlflow.tracking._tracking_service import utils
+
+        utils._tracking_uri = None
+    if env is None:
+        os.environ.pop("MLFLOW_TRACKING_URI", None)
+    else:
+        os.environ["MLFLOW_TRACKING_URI"] = env

@@ -1,0 +1,295 @@
+"""RunTracker: stable run id, idempotent params, exactly-once metric steps across restarts and
+tracking-server outages, fallback replay. Stores are per-test SQLite files; the outage test starts
+a real `mlflow server` on 127.0.0.1 and stops it in a fixture."""
+
+from __future__ import annotations
+
+import gc
+import json
+import logging
+import os
+import signal
+import socket
+import subprocess
+import sys
+import textwrap
+import time
+import urllib.request
+from collections import Counter
+from contextlib import suppress
+from pathlib import Path
+
+import pytest
+from mlflow.tracking import MlflowClient
+
+from jobs.tracking import FALLBACK_FILE, REJECTED_FILE, RUN_ID_FILE, RunTracker, replay_fallback
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _dead_uri() -> str:
+    """A loopback URI nothing listens on (connection refused: an unreachable server)."""
+    return f"http://127.0.0.1:{_free_port()}"
+
+
+def _steps(client: MlflowClient, run_id: str, key: str) -> Counter[int]:
+    return Counter(m.step for m in client.get_metric_history(run_id, key))
+
+
+@pytest.fixture(scope="module")
+def sqlite_uri(tmp_path_factory):
+    """One embedded store for the module (creating its tables takes seconds); tests use their own
+    run folders and experiments."""
+    return f"sqlite:///{tmp_path_factory.mktemp('store')}/mlflow.db"
+
+
+@pytest.fixture
+def experiment(request, monkeypatch):
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    return request.node.name
+
+
+def test_run_id_is_stable_and_params_idempotent(tmp_path, sqlite_uri, experiment, caplog):
+    """A second tracker on the same run folder continues the same run; re-logged params are
+    accepted, a changed one is kept as a tag instead of failing."""
+    config = {"model": {"width": 32, "layers": 2}, "lr": 1e-3}
+    first = RunTracker(run_dir=tmp_path / "run", run_name="job", tracking_uri=sqlite_uri,
+                         experiment=experiment)  # fmt: skip
+    first.log_params(config)
+    first.close()
+    assert (tmp_path / "run" / RUN_ID_FILE).read_text().strip() == first.run_id
+
+    second = RunTracker(run_dir=tmp_path / "run", run_name="job", tracking_uri=sqlite_uri,
+                         experiment=experiment)  # fmt: skip
+    with caplog.at_level(logging.WARNING, logger="jobs.tracking"):
+        second.log_params(config)
+        second.log_params({"lr": 2e-3})
+    second.close()
+    assert second.run_id == first.run_id
+    run = second.client.get_run(first.run_id)
+    assert run.data.params == {"model.width": "32", "model.layers": "2", "lr": "0.001"}
+    assert run.data.tags["param_changed.lr"] == "0.002"
+    assert run.info.status == "FINISHED"
+    assert "params differ" in caplog.text
+    assert len(second.client.search_runs([run.info.experiment_id])) == 1
+
+
+def test_resumed_job_logs_each_step_exactly_once(tmp_path, sqlite_uri, experiment):
+    """Steps 0..9, a crash (no close), then a new tracker re-logging 5..14: history holds 0..14 once."""
+    tracker = RunTracker(run_dir=tmp_path / "run", run_name="job", tracking_uri=sqlite_uri,
+                         experiment=experiment)  # fmt: skip
+    run_id = tracker.run_id
+    for step in range(10):
+        tracker.log_metrics({"loss": 1.0 / (step + 1), "lr": 0.1}, step=step)
+    del tracker  # the process "dies": no close, the run stays RUNNING
+    gc.collect()
+
+    resumed = RunTracker(run_dir=tmp_path / "run", run_name="job", tracking_uri=sqlite_uri,
+                         experiment=experiment)  # fmt: skip
+    assert resumed.run_id == run_id
+    assert resumed.last_step("loss") == 9
+    for step in range(5, 15):
+        resumed.log_metrics({"loss": 1.0 / (step + 1), "lr": 0.1, "grad_norm": 1.0}, step=step)
+    resumed.close()
+
+    for key in ("loss", "lr"):
+        assert _steps(resumed.client, run_id, key) == Counter(range(15))
+    assert _steps(resumed.client, run_id, "grad_norm") == Counter(range(5, 15))
+    assert resumed.client.get_run(run_id).info.status == "FINISHED"
+
+
+def test_new_run_without_server_fails_clearly(tmp_path):
+    """With no reachable server, creating a run retries for create_timeout_s, then raises and
+    writes no run id."""
+    start = time.monotonic()
+    with pytest.raises(RuntimeError, match="cannot create the MLflow run"):
+        RunTracker(run_dir=tmp_path / "run", run_name="job", tracking_uri=_dead_uri(),
+                   request_timeout_s=1, create_timeout_s=1.5)  # fmt: skip
+    assert time.monotonic() - start < 10
+    assert not (tmp_path / "run" / RUN_ID_FILE).exists()
+
+
+def test_offline_resume_queues_then_replay_delivers_in_batches(tmp_path, sqlite_uri, experiment):
+    """A resumed tracker that cannot reach its server queues everything (each call stays fast);
+    replay_fallback delivers it in MLflow-sized batches, sets aside an op the server rejects, and
+    skips points the server already has."""
+    run_dir = tmp_path / "run"
+    first = RunTracker(run_dir=run_dir, run_name="job", tracking_uri=sqlite_uri,
+                         experiment=experiment)  # fmt: skip
+    first.log_metrics({"loss": 0.0}, step=0)
+    first.close()
+
+    offline = RunTracker(run_dir=run_dir, run_name="job", tracking_uri=_dead_uri(),
+                         retry_interval_s=0.2, request_timeout_s=1)  # fmt: skip
+    artifact = tmp_path / "gone.txt"
+    artifact.write_text("x")
+    offline.log_artifact(artifact)
+    worst = 0.0
+    for step in range(1, 1200):
+        t0 = time.monotonic()
+        offline.log_metrics({"loss": float(step), **({"wide": 1.0} if step < 3 else {})}, step=step)
+        worst = max(worst, time.monotonic() - t0)
+    offline.log_metrics({f"k{i}": float(i) for i in range(1500)}, step=7)  # > 1000 per batch
+    offline.log_dict({"a": 1}, "config.json")
+    offline.close(timeout_s=0.5)
+    assert worst < 0.5
+    lines = (run_dir / FALLBACK_FILE).read_text().splitlines()
+    assert len(lines) == offline.pending > 1200
+    artifact.unlink()  # gone before it could be delivered: rejected, not blocking
+
+    # the "server" already got steps 1..3 before the outage began (the reply was lost)
+    client = MlflowClient(sqlite_uri)
+    for step in (1, 2, 3):
+        client.log_metric(first.run_id, "loss", float(step), step=step)
+    delivered = replay_fallback(run_dir, sqlite_uri)
+    assert delivered == len(lines) - 1
+    assert not (run_dir / FALLBACK_FILE).exists()
+    assert len((run_dir / REJECTED_FILE).read_text().splitlines()) == 1
+    assert _steps(client, first.run_id, "loss") == Counter(range(1200))
+    assert _steps(client, first.run_id, "k1499") == Counter([7])
+    run = client.get_run(first.run_id)
+    assert run.info.status == "FINISHED"
+    assert "config.json" in {a.path for a in client.list_artifacts(first.run_id)}
+    assert replay_fallback(run_dir, sqlite_uri) == 0
+
+
+def test_replay_after_process_death(tmp_path, sqlite_uri, experiment):
+    """Ops queued by a process that dies (os._exit, no cleanup) are delivered by replay_fallback."""
+    run_dir = tmp_path / "run"
+    RunTracker(
+        run_dir=run_dir, run_name="job", tracking_uri=sqlite_uri, experiment=experiment
+    ).close()
+    script = textwrap.dedent(f"""
+        import os
+        from jobs.tracking import RunTracker
+        t = RunTracker(run_dir={str(run_dir)!r}, run_name="job", tracking_uri={_dead_uri()!r},
+                       retry_interval_s=60, request_timeout_s=1)
+        for step in range(5):
+            t.log_metrics({{"loss": float(step)}}, step=step)
+        t.set_tags({{"phase": "dying"}})
+        os._exit(3)
+    """)
+    proc = subprocess.run([sys.executable, "-c", script], cwd=REPO, capture_output=True,
+                          text=True, timeout=60)  # fmt: skip
+    assert proc.returncode == 3, proc.stderr
+    ops = [json.loads(line) for line in (run_dir / FALLBACK_FILE).read_text().splitlines()]
+    assert [op["op"] for op in ops] == ["status", "batch", *["batch"] * 5, "batch"]
+
+    assert replay_fallback(run_dir, sqlite_uri) == len(ops)
+    client = MlflowClient(sqlite_uri)
+    run_id = (run_dir / RUN_ID_FILE).read_text().strip()
+    assert _steps(client, run_id, "loss") == Counter(range(5))
+    assert client.get_run(run_id).data.tags["phase"] == "dying"
+
+
+class MlflowServer:
+    """`mlflow server` on 127.0.0.1 with a SQLite store, in its own process group."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self.port = _free_port()
+        self.uri = f"http://127.0.0.1:{self.port}"
+        self.proc: subprocess.Popen | None = None
+        self.start_seconds: list[float] = []
+
+    def start(self, timeout_s: float = 60.0) -> None:
+        # The job runner spawns huey consumers that outlive a SIGTERM to the server process alone;
+        # it is not needed here and slows the start on 2 cores.
+        env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
+        env["MLFLOW_SERVER_ENABLE_JOB_EXECUTION"] = "false"
+        cmd = [sys.executable, "-m", "mlflow", "server", "--backend-store-uri",
+               f"sqlite:///{self.root}/server.db", "--artifacts-destination",
+               str(self.root / "artifacts"), "--host", "127.0.0.1", "--port", str(self.port),
+               "--workers", "1"]  # fmt: skip
+        t0 = time.monotonic()
+        with open(self.root / "server.log", "ab") as log:
+            self.proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env,
+                                         start_new_session=True)  # fmt: skip
+        while time.monotonic() - t0 < timeout_s:
+            if self.proc.poll() is not None:
+                break
+            try:
+                with urllib.request.urlopen(f"{self.uri}/health", timeout=1) as response:
+                    if response.status == 200:
+                        self.start_seconds.append(time.monotonic() - t0)
+                        return
+            except OSError:
+                time.sleep(0.2)
+        self.stop()
+        tail = (self.root / "server.log").read_text(errors="replace")[-3000:]
+        pytest.fail(f"mlflow server did not come up in {timeout_s}s:\n{tail}")
+
+    def stop(self, timeout_s: float = 30.0) -> None:
+        if self.proc is None:
+            return
+        with suppress(ProcessLookupError):
+            os.killpg(self.proc.pid, signal.SIGTERM)
+        try:
+            self.proc.wait(timeout_s)
+        except subprocess.TimeoutExpired:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait(10)
+        self.proc = None
+
+
+@pytest.fixture
+def mlflow_server(tmp_path):
+    server = MlflowServer(tmp_path)
+    server.start()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(180)
+def test_server_outage_is_queued_and_caught_up_exactly_once(tmp_path, mlflow_server, caplog):
+    """With the server stopped, logging stays fast and lands in the fallback file; after it comes
+    back on the same port and store, every step is on the server exactly once and the file is gone."""
+    run_dir = tmp_path / "run"
+    tracker = RunTracker(run_dir=run_dir, run_name="outage", tracking_uri=mlflow_server.uri,
+                         retry_interval_s=0.5, request_timeout_s=2)  # fmt: skip
+    tracker.log_params({"optim": {"lr": 0.1}})
+    for step in range(5):
+        tracker.log_metrics({"loss": float(step), "lr": 0.1}, step=step)
+    assert tracker.pending == 0
+
+    mlflow_server.stop()
+    latencies = []
+    with caplog.at_level(logging.WARNING, logger="jobs.tracking"):
+        for step in range(5, 10):
+            t0 = time.monotonic()
+            tracker.log_metrics({"loss": float(step), "lr": 0.1}, step=step)
+            latencies.append(time.monotonic() - t0)
+            time.sleep(0.2)  # some calls fall due for a retry: still fast (connection refused)
+        tracker.set_tags({"phase": "outage"})
+        assert max(latencies) < 1.0, latencies
+        assert tracker.pending == 6
+        ops = [json.loads(line) for line in (run_dir / FALLBACK_FILE).read_text().splitlines()]
+        assert [op["metrics"][0][3] for op in ops if op.get("metrics")] == [5, 6, 7, 8, 9]
+
+        mlflow_server.start()
+        for step in range(10, 15):
+            tracker.log_metrics({"loss": float(step), "lr": 0.1}, step=step)
+        assert tracker.flush(timeout_s=30)
+    assert caplog.text.count("is unreachable") == 1
+    assert caplog.text.count("reachable again") == 1
+    assert not (run_dir / FALLBACK_FILE).exists()
+    tracker.close()
+
+    client = MlflowClient(mlflow_server.uri)
+    for key in ("loss", "lr"):
+        assert _steps(client, tracker.run_id, key) == Counter(range(15))
+    run = client.get_run(tracker.run_id)
+    assert run.data.params == {"optim.lr": "0.1"}
+    assert run.data.tags["phase"] == "outage"
+    assert run.info.status == "FINISHED"
+    print(f"server start seconds: {mlflow_server.start_seconds}, "
+          f"logging latency while down: max {max(latencies) * 1e3:.1f} ms")  # fmt: skip
