@@ -1,0 +1,172 @@
+"""Training jobs end to end on a local Ray with 2 gloo workers and DeepSpeed ZeRO-2 (tiny preset).
+
+One corpus flows through the whole chain: features -> stage 1 -> qembeds -> stage 2 -> tokens ->
+LoRA. Each job is run through its `main([...])` and its artifacts are asserted: loss going down,
+DeepSpeed checkpoints with the resolved config, the exported model loading, and the MLflow run
+(params, metrics, inputs with digests, registered model version, plots).
+"""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+from pathlib import Path
+
+import mlflow
+import pytest
+import torch
+from mlflow import MlflowClient
+
+from jobs import train_lora, train_tokenizer
+from jobs.config import CONFIG_DIR
+from pipelines import features, qembeds, tokens
+from pipelines.catalog import Catalog
+from pipelines.models import resolve_model
+from seed_core.qformer import CausalQFormer
+from seed_core.tokenizer import SeedTokenizer
+from tests.raw_fixture import make_raw_corpus
+
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
+CORPUS = "demo"
+
+
+@pytest.fixture(scope="module")
+def root(tmp_path_factory, ray_session):
+    """A catalog with a 3 x 16-image raw corpus and its tiny features."""
+    root = tmp_path_factory.mktemp("jobs") / "data"
+    make_raw_corpus(Catalog(root), CORPUS, num_shards=3, per_shard=16)
+    assert features.run(root=str(root), corpus=CORPUS, encoder="tiny").ok
+    return root
+
+
+def client_for(root: Path) -> MlflowClient:
+    return MlflowClient(f"sqlite:///{root}/mlflow.db")
+
+
+def job_run(client: MlflowClient, run_dir: Path):
+    return client.get_run((run_dir / "mlflow_run_id").read_text().strip())
+
+
+def steps(client: MlflowClient, run_id: str, key: str) -> Counter:
+    return Counter(m.step for m in client.get_metric_history(run_id, key))
+
+
+def losses(run_dir: Path) -> dict[int, float]:
+    out = {}
+    for line in (run_dir / "metrics.jsonl").read_text().splitlines():
+        rec = json.loads(line)
+        if "loss" in rec["metrics"]:
+            out[rec["step"]] = rec["metrics"]["loss"]
+    return out
+
+
+def assert_checkpoint(run_dir: Path, step: int) -> None:
+    """Ray Train's merged checkpoint holds every rank's DeepSpeed state, the config and the trainer state."""
+    ckpt = run_dir / f"step{step:08d}"
+    names = {p.name for p in (ckpt / f"step{step:08d}").iterdir()}
+    assert "mp_rank_00_model_states.pt" in names
+    assert {f"zero_pp_rank_{r}_mp_rank_00_optim_states.pt" for r in (0, 1)} <= names
+    assert (ckpt / "config.yaml").is_file() and {"rng_rank0.pt", "rng_rank1.pt"} <= {
+        p.name for p in ckpt.iterdir()
+    }
+    assert json.loads((ckpt / "trainer_state.json").read_text())["step"] == step
+
+
+def test_stage1_trains_checkpoints_exports_and_registers(root):
+    """Stage 1: ITC loss goes down, checkpoints at 5/10/12, the Q-Former exports, loads, and is registered."""
+    argv = [
+        "--stage",
+        "1",
+        "--config",
+        str(CONFIG_DIR / "tiny_stage1.yaml"),
+        f"root={root}",
+        f"corpus={CORPUS}",
+    ]
+    assert train_tokenizer.main(argv) == 0
+    run_dir = root / "runs" / "stage1-demo"
+    curve = losses(run_dir)
+    assert sorted(curve) == list(range(1, 13))
+    assert sum(curve[s] for s in (10, 11, 12)) < sum(curve[s] for s in (1, 2, 3))
+    assert_checkpoint(run_dir, 12)
+    qformer = CausalQFormer.from_pretrained(run_dir / "export").eval()
+    assert qformer(torch.randn(2, 17, 32)).shape == (2, 32, 32)
+
+    client = client_for(root)
+    run = job_run(client, run_dir)
+    assert run.data.params["optim.lr"] == "0.001" and run.data.params["preset"] == "tiny"
+    assert {"loss", "itc", "lr", "eval/i2t_recall_at_1", "eval/t2i_recall_at_5"} <= set(
+        run.data.metrics
+    )
+    assert steps(client, run.info.run_id, "loss") == Counter(range(1, 13))
+    inputs = {d.dataset.name: d.dataset for d in run.inputs.dataset_inputs}
+    assert inputs[f"{CORPUS}/features/tiny"].digest
+    version = client.get_model_version("seed-tokenizer-stage1", "1")
+    assert version.run_id == run.info.run_id and version.tags["digest"] == qformer.digest
+    assert "loss_curves.png" in {
+        Path(a.path).name for a in client.list_artifacts(run.info.run_id, "plots")
+    }
+
+
+def test_stage2_from_cached_embeddings(root):
+    """Stage 2 trains from qembeds of the registered stage-1 model, reports codebook health, exports a SeedTokenizer."""
+    mlflow.set_tracking_uri(f"sqlite:///{root}/mlflow.db")
+    assert qembeds.run(
+        root=str(root), corpus=CORPUS, features="tiny", stage1="models:/seed-tokenizer-stage1/1"
+    ).ok
+    argv = ["--stage", "2", "--config", str(CONFIG_DIR / "tiny_stage2.yaml"), f"root={root}", f"corpus={CORPUS}",
+            "stage1=models:/seed-tokenizer-stage1/1"]  # fmt: skip
+    assert train_tokenizer.main(argv) == 0
+    run_dir = root / "runs" / "stage2-demo"
+    curve = losses(run_dir)
+    assert sum(curve[s] for s in (10, 11, 12)) < sum(curve[s] for s in (1, 2, 3))
+    assert_checkpoint(run_dir, 12)
+    tok = SeedTokenizer.from_pretrained(run_dir / "export").eval()
+    stage1 = CausalQFormer.from_pretrained(
+        resolve_model("models:/seed-tokenizer-stage1/1").directory
+    )
+    assert tok.qformer.digest == stage1.digest  # the Q-Former stayed frozen
+    assert tok.encode(torch.randn(2, 17, 32)).shape == (2, 32)
+
+    client = client_for(root)
+    run = job_run(client, run_dir)
+    assert {
+        "codebook_usage",
+        "perplexity",
+        "recon_cosine",
+        "target_mse",
+        "dead_codes",
+        "vq",
+        "recon",
+        "gen",
+    } <= set(run.data.metrics)
+    names = {d.dataset.name for d in run.inputs.dataset_inputs}
+    assert any(n.startswith(f"{CORPUS}/qembeds/") for n in names)
+    assert client.get_model_version("seed-tokenizer", "1").tags["digest"] == tok.digest
+    plots = {Path(a.path).name for a in client.list_artifacts(run.info.run_id, "plots")}
+    assert {"loss_curves.png", "codebook_usage.png"} <= plots
+
+
+def test_lora_on_the_token_corpus(root):
+    """LoRA on tokens made by the registered tokenizer: both directions' losses, eval metrics, seed-lora registered."""
+    mlflow.set_tracking_uri(f"sqlite:///{root}/mlflow.db")
+    made = tokens.run(
+        root=str(root), corpus=CORPUS, features="tiny", tokenizer="models:/seed-tokenizer/1"
+    )
+    assert made.ok
+    name = Path(made.output_dir).name
+    argv = [
+        "--config",
+        str(CONFIG_DIR / "tiny_lora.yaml"),
+        f"root={root}",
+        f"corpus={CORPUS}",
+        f"tokens={name}",
+    ]
+    assert train_lora.main(argv) == 0
+    run_dir = next((root / "runs").glob("lora-*"))
+    client = client_for(root)
+    run = job_run(client, run_dir)
+    assert {"loss", "loss_i2t", "loss_t2i"} <= set(run.data.metrics)
+    assert {"eval/caption_bleu4", "eval/t2i_valid"} <= set(run.data.metrics)
+    assert run.data.metrics["eval/t2i_valid"] == 1.0
+    version = client.get_model_version("seed-lora", "1")
+    assert version.run_id == run.info.run_id
