@@ -78,3 +78,16 @@ def _isolate_mlflow_global_uri():
         os.environ.pop("MLFLOW_TRACKING_URI", None)
     else:
         os.environ["MLFLOW_TRACKING_URI"] = env
+
+
+@pytest.fixture(scope="module")
+def features_root(tmp_path_factory, ray_session):
+    """A catalog root (one per test module) with a 3 x 16-image raw corpus 'demo' and its tiny features."""
+    from pipelines import features
+    from pipelines.catalog import Catalog
+    from tests.raw_fixture import make_raw_corpus
+
+    root = tmp_path_factory.mktemp("catalog") / "data"
+    make_raw_corpus(Catalog(root), "demo", num_shards=3, per_shard=16)
+    assert features.run(root=str(root), corpus="demo", encoder="tiny").ok
+    return root

@@ -19,24 +19,18 @@ from mlflow import MlflowClient
 
 from jobs import train_lora, train_tokenizer
 from jobs.config import CONFIG_DIR
-from pipelines import features, qembeds, tokens
-from pipelines.catalog import Catalog
+from pipelines import qembeds, tokens
 from pipelines.models import resolve_model
 from seed_core.qformer import CausalQFormer
 from seed_core.tokenizer import SeedTokenizer
-from tests.raw_fixture import make_raw_corpus
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
 CORPUS = "demo"
 
 
 @pytest.fixture(scope="module")
-def root(tmp_path_factory, ray_session):
-    """A catalog with a 3 x 16-image raw corpus and its tiny features."""
-    root = tmp_path_factory.mktemp("jobs") / "data"
-    make_raw_corpus(Catalog(root), CORPUS, num_shards=3, per_shard=16)
-    assert features.run(root=str(root), corpus=CORPUS, encoder="tiny").ok
-    return root
+def root(features_root):
+    return features_root
 
 
 def client_for(root: Path) -> MlflowClient:

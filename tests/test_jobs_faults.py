@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
 import sys
 import threading
@@ -12,16 +11,13 @@ import time
 from collections import Counter
 from pathlib import Path
 
-import psutil
 import pytest
 from mlflow import MlflowClient
 
 from jobs import train_tokenizer
 from jobs.config import CONFIG_DIR
-from pipelines import features
-from pipelines.catalog import Catalog
 from tests.mlflow_server import MlflowServer
-from tests.raw_fixture import make_raw_corpus
+from tests.process_tree import kill_driver_and_ray
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
 CORPUS = "demo"
@@ -30,11 +26,8 @@ STAGE1 = str(CONFIG_DIR / "tiny_stage1.yaml")
 
 
 @pytest.fixture(scope="module")
-def root(tmp_path_factory, ray_session):
-    root = tmp_path_factory.mktemp("faults") / "data"
-    make_raw_corpus(Catalog(root), CORPUS, num_shards=3, per_shard=16)
-    assert features.run(root=str(root), corpus=CORPUS, encoder="tiny").ok
-    return root
+def root(features_root):
+    return features_root
 
 
 def loss_steps(client: MlflowClient, run_dir: Path) -> tuple[str, Counter]:
@@ -71,14 +64,6 @@ def test_killed_worker_resumes_from_the_last_checkpoint(root):
         assert killed[step] == pytest.approx(clean[step], rel=1e-4, abs=1e-6), step
 
 
-def _kill_tree(proc: subprocess.Popen, marker: str) -> None:
-    os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait(timeout=30)
-    for p in psutil.process_iter(["cmdline"]):
-        if any(marker in part for part in (p.info["cmdline"] or [])):
-            p.kill()
-
-
 def test_relaunched_driver_resumes_the_same_run(root, tmp_path):
     """The driver process (and its local Ray) SIGKILLed after a checkpoint; the same command again
     resumes from it in the same MLflow run, with every step logged exactly once."""
@@ -94,12 +79,13 @@ def test_relaunched_driver_resumes_the_same_run(root, tmp_path):
         )
     try:
         deadline = time.monotonic() + 300
-        while time.monotonic() < deadline and not (run_dir / "step00000005").exists():
+        snapshot = run_dir / "checkpoint_manager_snapshot.json"  # Ray Train's record of registered checkpoints
+        while time.monotonic() < deadline and not (snapshot.exists() and "step00000005" in snapshot.read_text()):
             assert proc.poll() is None, (tmp_path / "first.log").read_text()[-3000:]
             time.sleep(0.2)
-        assert (run_dir / "step00000005").exists()
+        assert "step00000005" in snapshot.read_text()
     finally:
-        _kill_tree(proc, ray_tmp)
+        kill_driver_and_ray(proc, ray_tmp)
     run_id = (run_dir / "mlflow_run_id").read_text().strip()
     second = subprocess.run(
         cmd, env=env | {"RAY_TMPDIR": ray_tmp + "b"}, capture_output=True, text=True, timeout=400

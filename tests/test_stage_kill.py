@@ -3,30 +3,20 @@
 from __future__ import annotations
 
 import os
-import signal
 import subprocess
 import sys
 import time
 from pathlib import Path
 
-import psutil
 import pyarrow.parquet as pq
 import pytest
 
 from pipelines.catalog import Catalog
+from tests.process_tree import kill_driver_and_ray
 from tests.raw_fixture import make_raw_corpus
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(400)]
 REPO = Path(__file__).resolve().parents[1]
-
-
-def kill_tree(proc: subprocess.Popen, ray_tmp: Path) -> None:
-    """SIGKILL the driver's process group and any Ray process of its private Ray (found by temp dir)."""
-    os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait(timeout=30)
-    for p in psutil.process_iter(["cmdline"]):
-        if any(str(ray_tmp) in part for part in (p.info["cmdline"] or [])):
-            p.kill()
 
 
 def test_killed_run_resumes_with_every_key_exactly_once(tmp_path):
@@ -49,7 +39,7 @@ def test_killed_run_resumes_with_every_key_exactly_once(tmp_path):
             time.sleep(0.05)
         done_at_kill = len(list(out.glob("*.done.json")))
     finally:
-        kill_tree(proc, ray_tmp)
+        kill_driver_and_ray(proc, str(ray_tmp))
     assert 1 <= done_at_kill < 8, f"kill landed at {done_at_kill}/8 committed shards"
 
     # Readers see only committed shards: whatever the kill left half-written is never listed.
