@@ -33,8 +33,8 @@ shapes only), two measurements printed as ratios:
 CPU timings are erratic (OpenMP threads wait on each other whenever a core is taken).
 
 Each phase also reports the share of the machine's CPU that other processes used meanwhile: on a
-shared machine only phases near 0% are comparable in absolute terms. Defaults take about 7 minutes
-on 2 cores; `--steps`/`--job-steps`/`--batch-size`/`--job-batch-size` scale it.
+shared machine only phases near 0% are comparable in absolute terms. Defaults take under 6 minutes
+on 2 cores shared with a test suite (load average ~15), less on an idle machine; `--steps`/`--job-steps`/`--batch-size`/`--job-batch-size` scale it.
 """
 
 from __future__ import annotations
@@ -470,13 +470,13 @@ def _print_loops(plains: list[LoopResult], jobs: list[LoopResult], catalog_times
     print(f"\n== 2. Ray Train + DeepSpeed stage-2 job vs a plain loop, {args.job_steps} steps, "
           f"qembeds of {rows} rows ({PRESET} features, random stage-1 Q-Former) ==")  # fmt: skip
     print("  catalog: " + ", ".join(f"{k} {v:.0f} s" for k, v in catalog_times.items()))
-    print(f"  Ray workers get {worker_threads} torch thread(s) each (Ray sets OMP_NUM_THREADS to a "
+    print(f"  Ray workers get {_plural(worker_threads, 'torch thread')} each (Ray sets OMP_NUM_THREADS to a "
           f"worker's CPUs)")  # fmt: skip
     first = f"1st {args.log_every} s"
-    print(f"  {'':<36s} {'samples/s':>9s} {'steady':>7s} {first:>8s} {'loop s':>7s} {'wall s':>7s} "
+    print(f"  {'':<36s} {'samples/s':>9s} {'steady':>7s} {first:>9s} {'loop s':>7s} {'wall s':>7s} "
           f"{'others':>7s}   knobs")  # fmt: skip
     for r in [*plains, *jobs]:
-        print(f"  {r.name:<36s} {r.samples_per_s:9.1f} {r.steady_per_s:7.1f} {r.first_s:8.1f} "
+        print(f"  {r.name:<36s} {r.samples_per_s:9.1f} {r.steady_per_s:7.1f} {r.first_s:9.1f} "
               f"{r.loop_s:7.1f} {r.wall_s:7.1f} {r.others:7.0%}   {r.note}")  # fmt: skip
     print("  samples/s: from the first batch request to the last step (the job's metrics.jsonl "
           "`samples_per_s`: worker start-up and DeepSpeed init excluded, the wait for the first "
