@@ -173,7 +173,7 @@ def train_loop_per_worker(job: dict[str, Any]) -> None:
     run = job["run"]
     fault = job["fault"]
     step = state0 = state["step"]
-    start = time.monotonic()
+    start: float | None = None  # set at the first batch: throughput excludes Ray Data's start-up
     while step < max_steps:
         epoch = state["epoch"]
         batches = shard.iter_torch_batches(batch_size=bs, drop_last=True, collate_fn=parts.collate,
@@ -183,6 +183,8 @@ def train_loop_per_worker(job: dict[str, Any]) -> None:
             if seen < state["batches_in_epoch"]:
                 seen += 1  # consumed before the restart
                 continue
+            if start is None:
+                start = time.monotonic()
             if fault["kill_at_step"] == step and fault["rank"] == rank:
                 _kill_once(job, step)
             engine.train()
@@ -196,7 +198,7 @@ def train_loop_per_worker(job: dict[str, Any]) -> None:
             if parts.on_step:
                 metrics |= parts.on_step(engine.module, out, step)
             if tracker and (step % run["log_every"] == 0 or step == max_steps):
-                metrics["samples_per_s"] = (step - state0) * bs * world / (time.monotonic() - start)
+                metrics["samples_per_s"] = (step - state0) * bs * world / (time.monotonic() - (start or 0.0))
                 tracker.log_metrics(metrics, step=step)
                 _append_jsonl(
                     Path(job["_run_dir"], "metrics.jsonl"), {"step": step, "metrics": metrics}
