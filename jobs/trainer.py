@@ -33,6 +33,7 @@ from torch import nn
 
 logger = logging.getLogger(__name__)
 STATE_FILE = "trainer_state.json"
+JOB_STATE_FILE = "job_state.json"
 CONFIG_FILE = "config.yaml"
 
 
@@ -48,11 +49,14 @@ class JobParts:
     """Saves the trained model (from the unwrapped task) into a directory (rank 0)."""
     evaluate: Callable[[nn.Module], dict[str, float]] | None = None
     """Held-out metrics; called on every rank (ZeRO-3 needs all ranks in the forward)."""
-    on_step: Callable[[nn.Module, Any, int], dict[str, float]] | None = None
-    """Optional per-step hook (e.g. codebook-usage accounting, dead-code re-seeding)."""
+    on_step: Callable[[Any, Any, int], dict[str, float]] | None = None
+    """Optional per-step hook `(engine, task output, step) -> metrics`, called on every rank after
+    the optimizer step (e.g. codebook-usage accounting, dead-code re-seeding)."""
     final_artifacts: Callable[[nn.Module, Path], list[Path]] | None = None
     """Plots etc. written at the end (rank 0)."""
-    extra_state: dict[str, Any] = field(default_factory=dict)
+    stateful: dict[str, Any] = field(default_factory=dict)
+    """Job state outside the model and optimizer, by name: objects with `state_dict()` (JSON-able,
+    the same on every rank) and `load_state_dict()`; saved in every checkpoint, restored on resume."""
 
 
 def lr_lambda(
@@ -159,6 +163,11 @@ def train_loop_per_worker(job: dict[str, Any]) -> None:
             rng = Path(d, f"rng_rank{rank}.pt")
             if rng.exists():
                 _set_rng_state(torch.load(rng, weights_only=False))
+            job_state = Path(d, JOB_STATE_FILE)
+            saved = json.loads(job_state.read_text()) if job_state.exists() else {}
+            for name, obj in parts.stateful.items():
+                if name in saved:
+                    obj.load_state_dict(saved[name])
         logger.warning(
             "rank %d resumed at step %d (epoch %d, batch %d)",
             rank,
@@ -196,9 +205,11 @@ def train_loop_per_worker(job: dict[str, Any]) -> None:
             state.update(step=step, batches_in_epoch=seen)
             metrics = _step_metrics(out, engine, world)
             if parts.on_step:
-                metrics |= parts.on_step(engine.module, out, step)
+                metrics |= parts.on_step(engine, out, step)
             if tracker and (step % run["log_every"] == 0 or step == max_steps):
-                metrics["samples_per_s"] = (step - state0) * bs * world / (time.monotonic() - (start or 0.0))
+                metrics["samples_per_s"] = (
+                    (step - state0) * bs * world / (time.monotonic() - (start or 0.0))
+                )
                 tracker.log_metrics(metrics, step=step)
                 _append_jsonl(
                     Path(job["_run_dir"], "metrics.jsonl"), {"step": step, "metrics": metrics}
@@ -214,7 +225,7 @@ def train_loop_per_worker(job: dict[str, Any]) -> None:
                         Path(job["_run_dir"], "metrics.jsonl"), {"step": step, "metrics": evals}
                     )
             if step % run["checkpoint_every"] == 0 or step == max_steps:
-                _save_and_report(engine, job, state, rank, metrics, Checkpoint)
+                _save_and_report(engine, parts, job, state, rank, metrics, Checkpoint)
             if step >= max_steps:
                 break
         if step < max_steps:
@@ -231,6 +242,16 @@ def _append_jsonl(path: Path, record: dict[str, Any]) -> None:
         f.write(json.dumps(record) + "\n")
 
 
+def collective_device() -> torch.device:
+    """Where a tensor must live for this process group's collectives: NCCL takes only CUDA tensors
+    (a CPU tensor fails with "No backend type associated with device type cpu"), gloo CPU ones."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized() and dist.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
 def _step_metrics(out: Any, engine: Any, world: int) -> dict[str, float]:
     """Loss terms averaged over ranks (one all-reduce), this rank's task metrics, the lr."""
     import torch.distributed as dist
@@ -238,7 +259,7 @@ def _step_metrics(out: Any, engine: Any, world: int) -> dict[str, float]:
     names = ["loss", *out.terms]
     values = torch.stack(
         [out.loss.detach().float(), *(t.detach().float() for t in out.terms.values())]
-    ).cpu()
+    ).to(collective_device())
     if world > 1:
         dist.all_reduce(values)
         values /= world
@@ -248,8 +269,8 @@ def _step_metrics(out: Any, engine: Any, world: int) -> dict[str, float]:
     return metrics
 
 
-def _save_and_report(engine: Any, job: dict[str, Any], state: dict[str, Any], rank: int, metrics: dict[str, float],
-                     checkpoint_cls: Any) -> None:  # fmt: skip
+def _save_and_report(engine: Any, parts: JobParts, job: dict[str, Any], state: dict[str, Any], rank: int,
+                     metrics: dict[str, float], checkpoint_cls: Any) -> None:  # fmt: skip
     """Every rank writes its DeepSpeed shard to a local dir; Ray Train merges them into one checkpoint."""
     import ray.train
 
@@ -260,6 +281,10 @@ def _save_and_report(engine: Any, job: dict[str, Any], state: dict[str, Any], ra
         if rank == 0:
             Path(tmp, STATE_FILE).write_text(json.dumps(state | {"tag": tag}))
             Path(tmp, CONFIG_FILE).write_text(job["_resolved_yaml"])
+            if parts.stateful:
+                Path(tmp, JOB_STATE_FILE).write_text(
+                    json.dumps({name: obj.state_dict() for name, obj in parts.stateful.items()})
+                )
         ray.train.report({k: v for k, v in metrics.items() if np.isfinite(v)} | {"step": state["step"]},
                          checkpoint=checkpoint_cls.from_directory(tmp), checkpoint_dir_name=tag)  # fmt: skip
 

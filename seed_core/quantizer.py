@@ -148,4 +148,5 @@ class VectorQuantizer(nn.Module):
         """
         if code_ids.numel() != vectors_NC.shape[0]:
             raise ValueError(f"{code_ids.numel()} code ids but {vectors_NC.shape[0]} vectors")
-        self.codebook.weight[code_ids.long()] = vectors_NC.to(self.codebook.weight.dtype)
+        weight = self.codebook.weight
+        weight[code_ids.long().to(weight.device)] = vectors_NC.to(weight.device, weight.dtype)

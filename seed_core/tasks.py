@@ -177,4 +177,5 @@ class Stage2Task(nn.Module):
             terms={"vq": vq.loss, "recon": recon, "gen": gen},
             metrics=metrics,
             codes=vq.indices,
+            projected=vq.projected.detach(),
         )

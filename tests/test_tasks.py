@@ -72,6 +72,8 @@ def test_stage2_terms_and_frozen_qformer(tiny, tiny_tokenizer, patch_features):
     assert torch.allclose(out.loss, expected)
     assert {"codebook_usage", "perplexity", "recon_cosine", "target_mse"} <= set(out.metrics)
     assert out.codes.shape == (4, 32)
+    assert out.projected.shape == (4, 32, tiny.tokenizer.quantizer.code_dim)
+    assert not out.projected.requires_grad
     out.loss.backward()
     assert all(p.grad is None for p in tiny_tokenizer.qformer.parameters())
     assert not tiny_tokenizer.qformer.training  # stays in eval (no dropout) under task.train()
