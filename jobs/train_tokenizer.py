@@ -406,7 +406,10 @@ class CodeUsage:
         from jobs.trainer import collective_device
 
         pool = projected_BQC.detach().reshape(-1, projected_BQC.shape[-1])
-        picks_NC = pool[torch.randint(0, pool.shape[0], (dead.numel(),))].float()
+        n, rows = dead.numel(), pool.shape[0]
+        # Distinct encoder outputs while the batch has enough: duplicates would compete for one cluster.
+        draw = torch.randperm(rows)[:n] if n <= rows else torch.randint(0, rows, (n,))
+        picks_NC = pool[draw.to(pool.device)].float()
         if self.world > 1:
             picks_NC = picks_NC.to(collective_device())
             dist.broadcast(picks_NC, src=0)

@@ -140,6 +140,45 @@ def test_stage2_from_cached_embeddings(root):
     assert {"loss_curves.png", "codebook_usage.png"} <= plots
 
 
+def history(client: MlflowClient, run_id: str, key: str) -> dict[int, float]:
+    return {m.step: m.value for m in client.get_metric_history(run_id, key)}
+
+
+def test_stage2_dead_code_reseeding_survives_a_killed_worker(root):
+    """With the opt-in `dead_codes.reseed`, codes dead for a window are re-seeded and the remedy's
+    counts survive a worker SIGKILLed at step 7: they resume from the step-5 checkpoint, not zero."""
+    argv = ["--stage", "2", "--config", str(CONFIG_DIR / "tiny_stage2.yaml"), f"root={root}", f"corpus={CORPUS}",
+            "stage1=models:/seed-tokenizer-stage1/1", "run.name=reseed", "register_as=seed-tokenizer-reseed",
+            "dead_codes.reseed=true", "fault.kill_at_step=7", "fault.rank=1"]  # fmt: skip
+    assert train_tokenizer.main(argv) == 0
+    run_dir = root / "runs" / "reseed"
+    assert (run_dir / "fault_injected_step7").exists()  # the kill really happened
+    client = client_for(root)
+    run = job_run(client, run_dir)
+    assert steps(client, run.info.run_id, "loss") == Counter(range(1, 13))
+    dead = history(client, run.info.run_id, "dead_codes")
+    reseeded = history(client, run.info.run_id, "reseeded_total")
+    assert sorted(dead) == [5, 10] and sorted(reseeded) == [5, 10]
+    assert reseeded[5] == dead[5] > 0, "the tiny run had no dead code to re-seed"
+    # Restored from the step-5 checkpoint, the running total carries on (a fresh counter would
+    # give reseeded[10] == dead[10]).
+    assert reseeded[10] == reseeded[5] + dead[10]
+    state = json.loads((run_dir / "step00000012" / "job_state.json").read_text())["code_usage"]
+    assert (
+        sum(state["total"]) == 12 * 2 * 4 * 32
+    )  # steps x ranks x batch x codes: none lost or doubled
+    assert state["reseeded"] == reseeded[10]
+
+    paper = job_run(client, root / "runs" / "stage2-demo")  # the same job without the remedy
+    paper_dead = history(client, paper.info.run_id, "dead_codes")
+    print(f"dead codes (reseed / paper): {dead} / {paper_dead}")
+    assert "reseeded_total" not in paper.data.metrics
+    # The re-seeded codes are where the encoder outputs are: fewer are dead in the next window.
+    assert dead[10] < paper_dead[10]
+    tok = SeedTokenizer.from_pretrained(run_dir / "export").eval()
+    assert tok.encode(torch.randn(2, 17, 32)).shape == (2, 32)
+
+
 def test_lora_on_the_token_corpus(root):
     """LoRA on tokens made by the registered tokenizer: both directions' losses, eval metrics, seed-lora registered."""
     mlflow.set_tracking_uri(f"sqlite:///{root}/mlflow.db")
