@@ -164,9 +164,8 @@ def test_stage2_dead_code_reseeding_survives_a_killed_worker(root):
     # give reseeded[10] == dead[10]).
     assert reseeded[10] == reseeded[5] + dead[10]
     state = json.loads((run_dir / "step00000012" / "job_state.json").read_text())["code_usage"]
-    assert (
-        sum(state["total"]) == 12 * 2 * 4 * 32
-    )  # steps x ranks x batch x codes: none lost or doubled
+    # steps x ranks x batch x codes: no step's counts lost or doubled across the restart
+    assert sum(state["total"]) == 12 * 2 * 4 * 32
     assert state["reseeded"] == reseeded[10]
 
     paper = job_run(client, root / "runs" / "stage2-demo")  # the same job without the remedy
