@@ -22,6 +22,7 @@ import torch
 
 from jobs import config as cfg
 from jobs.launch import Prepared, is_holdout, launch, run_paths
+from jobs.trainer import JobParts, collective_device
 from seed_core.tasks import Stage1Config, Stage2Config
 
 # ---------------------------------------------------------------------------------------------
@@ -196,7 +197,6 @@ def build_stage1(job: dict[str, Any], *, rank: int, world: int) -> Any:
     from ray.data.collate_fn import ArrowBatchCollateFn
     from transformers import AutoTokenizer
 
-    from jobs.trainer import JobParts
     from seed_core.presets import get_preset
     from seed_core.qformer import CausalQFormer, QFormerConfig
     from seed_core.tasks import Stage1Config, Stage1Task
@@ -298,7 +298,6 @@ def prepare_stage2(config: Stage2JobConfig) -> Prepared:
 def build_stage2(job: dict[str, Any], *, rank: int, world: int) -> Any:
     from ray.data.collate_fn import ArrowBatchCollateFn
 
-    from jobs.trainer import JobParts
     from seed_core.presets import get_preset
     from seed_core.qformer import CausalQFormer
     from seed_core.tasks import Stage2Config, Stage2Task
@@ -369,8 +368,6 @@ class CodeUsage:
     def on_step(self, engine: Any, out: Any, step: int) -> dict[str, float]:
         import torch.distributed as dist
 
-        from jobs.trainer import collective_device
-
         counts = torch.bincount(out.codes.reshape(-1), minlength=self.total.numel())
         if self.world > 1:
             counts = counts.to(collective_device())
@@ -402,8 +399,6 @@ class CodeUsage:
             safe_set_full_fp32_param,
             safe_set_full_optimizer_state,
         )
-
-        from jobs.trainer import collective_device
 
         pool = projected_BQC.detach().reshape(-1, projected_BQC.shape[-1])
         n, rows = dead.numel(), pool.shape[0]

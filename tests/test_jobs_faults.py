@@ -81,7 +81,10 @@ def test_relaunched_driver_resumes_the_same_run(root, tmp_path):
         deadline = time.monotonic() + 300
         # Ray Train's record of registered checkpoints: kill only once step 5 is in it.
         snapshot = run_dir / "checkpoint_manager_snapshot.json"
-        registered = lambda: snapshot.exists() and "step00000005" in snapshot.read_text()  # noqa: E731
+
+        def registered() -> bool:
+            return snapshot.exists() and "step00000005" in snapshot.read_text()
+
         while time.monotonic() < deadline and not registered():
             assert proc.poll() is None, (tmp_path / "first.log").read_text()[-3000:]
             time.sleep(0.2)
