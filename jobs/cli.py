@@ -1,5 +1,8 @@
 """The `seedpipe` command line: one subcommand per job or stage, each a `main(argv)` elsewhere.
 
+Every subcommand speaks one grammar (`pipelines.config`): `--config FILE.yaml`, flags that are
+shorthands for config keys (`--root`, `--corpus`, `--dry-run`, `--address`, ...), and dotted
+`key.sub=value` overrides; `seedpipe COMMAND --help` lists every key with its default.
 Subcommands arrive with the jobs and pipelines that implement them; what is listed here works.
 """
 
@@ -8,7 +11,10 @@ from __future__ import annotations
 import argparse
 import sys
 from collections.abc import Sequence
+from dataclasses import dataclass
 from importlib import metadata
+
+from pipelines.config import cli_main, parse_command
 
 # Subcommands implemented by a module's own `main(argv)`: `seedpipe NAME ...` == `python -m MODULE ...`.
 DELEGATED = {
@@ -30,6 +36,7 @@ DELEGATED = {
         "jobs.train_lora",
         "Ray Train + DeepSpeed: LoRA-tune an LLM on image/text tokens",
     ),
+    "ui": ("jobs.cli:ui_main", "open the MLflow UI on the catalog's tracking store"),
 }
 
 STACK = ("torch", "ray", "deepspeed", "transformers", "peft", "mlflow", "pyarrow", "img2dataset")
@@ -69,27 +76,26 @@ def cmd_presets(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_ui(args: argparse.Namespace) -> int:
+@dataclass(kw_only=True)
+class UiConfig:
+    root: str = "./seed-data"
+    """Catalog root whose embedded store to open (ignored when MLFLOW_TRACKING_URI is set)."""
+    host: str = "127.0.0.1"
+    port: int = 5000
+
+
+@cli_main
+def ui_main(argv: Sequence[str] | None = None) -> int:
     """Open the MLflow UI on the catalog's tracking store (embedded SQLite unless MLFLOW_TRACKING_URI)."""
     import subprocess
 
     from pipelines.catalog import Catalog
     from pipelines.lineage import tracking_uri
 
-    catalog = Catalog(args.root)
-    uri = tracking_uri(catalog)
-    cmd = [
-        sys.executable,
-        "-m",
-        "mlflow",
-        "ui",
-        "--backend-store-uri",
-        uri,
-        "--host",
-        args.host,
-        "--port",
-        str(args.port),
-    ]
+    config = parse_command(UiConfig, argv, prog="seedpipe ui", description=ui_main.__doc__ or "")
+    uri = tracking_uri(Catalog(config.root))
+    cmd = [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", uri, "--host", config.host,
+           "--port", str(config.port)]  # fmt: skip
     print("running:", " ".join(cmd), flush=True)
     return subprocess.call(cmd)
 
@@ -106,11 +112,6 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_parser("presets", help="list the model presets and their shapes").set_defaults(
         func=cmd_presets
     )
-    ui = sub.add_parser("ui", help="open the MLflow UI on the catalog's tracking store")
-    ui.add_argument("--root", default="./seed-data")
-    ui.add_argument("--host", default="127.0.0.1")
-    ui.add_argument("--port", type=int, default=5000)
-    ui.set_defaults(func=cmd_ui)
     for name, (_module, text) in DELEGATED.items():
         sub.add_parser(name, help=f"{text} (`seedpipe {name} --help`)", add_help=False)
     return parser
@@ -121,7 +122,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if argv and argv[0] in DELEGATED:
         import importlib
 
-        return importlib.import_module(DELEGATED[argv[0]][0]).main(argv[1:])
+        module, _, function = DELEGATED[argv[0]][0].partition(":")
+        return getattr(importlib.import_module(module), function or "main")(argv[1:])
     args = build_parser().parse_args(argv)
     return args.func(args)
 

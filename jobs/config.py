@@ -1,28 +1,16 @@
-"""Job configuration: dataclass defaults < YAML file < `key.sub=value` overrides (OmegaConf).
+"""Settings shared by the training jobs, and the base of every job config.
 
-One library for the whole repo: OmegaConf structured configs. Unknown keys and values of the
-wrong type fail naming the full key (OmegaConf), values out of range fail naming the field (the
-dataclasses' `__post_init__`). The resolved config is saved as YAML with the run, with every
-checkpoint, and logged to MLflow.
+The merge mechanism (defaults < YAML < flags < overrides) and the command grammar are
+`pipelines.config`, the same for stages and jobs. Each job's own config subclasses
+`TrainJobConfig` beside the job's code (`jobs/stage1.py`, `jobs/stage2.py`, `jobs/lora.py`).
 """
 
 from __future__ import annotations
 
-import dataclasses
-from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, TypeVar
 
-from omegaconf import OmegaConf
-from omegaconf.errors import OmegaConfBaseException
-
-T = TypeVar("T")
 CONFIG_DIR = Path(__file__).resolve().parent / "configs"
-
-
-class ConfigError(ValueError):
-    """A job config that cannot be used; the message names the key."""
 
 
 @dataclass(kw_only=True)
@@ -130,43 +118,36 @@ class FaultSettings:
     rank: int = 0
 
 
-def load_config(
-    cls: type[T], config_path: str | Path | None = None, overrides: Sequence[str] = ()
-) -> T:
-    """Defaults of `cls` < YAML at `config_path` < dotted `key.sub=value` overrides."""
-    try:
-        merged = OmegaConf.structured(cls)
-        if config_path is not None:
-            merged = OmegaConf.merge(merged, OmegaConf.load(config_path))
-        bad = [o for o in overrides if "=" not in o]
-        if bad:
-            raise ConfigError(f"overrides must look like key.sub=value, got {bad}")
-        merged = OmegaConf.merge(merged, OmegaConf.from_dotlist(list(overrides)))
-        return OmegaConf.to_object(merged)  # type: ignore[return-value]
-    except OmegaConfBaseException as err:
-        key = getattr(err, "full_key", None)
-        raise ConfigError(
-            f"config key {key!r}: {str(err).splitlines()[0]}" if key else str(err)
-        ) from None
+@dataclass(kw_only=True)
+class TrainJobConfig:
+    """What every training job has: the catalog, Ray Train, DeepSpeed, the optimizer, eval, export."""
 
+    root: str = "./seed-data"
+    """Catalog root (a shared filesystem for a multi-node cluster)."""
+    corpus: str = ""
+    """Corpus name (`<root>/corpora/<corpus>/`)."""
+    dry_run: bool = False
+    """Resolve the config and the input datasets, print them, and stop."""
+    address: str | None = None
+    """Ray cluster address (default: RAY_ADDRESS, else a local Ray)."""
+    holdout: float = 0.05
+    """Fraction of rows (by key hash) held out of training, for evaluation."""
+    eval_every: int = 0
+    """Steps between held-out evaluations (0: none)."""
+    eval_rows: int = 256
+    """Held-out rows evaluated in the job."""
+    register_as: str = ""
+    """MLflow registered-model name of the export."""
+    scaling: ScalingSettings = field(default_factory=ScalingSettings)
+    run: RunSettings = field(default_factory=RunSettings)
+    optim: OptimSettings = field(default_factory=OptimSettings)
+    deepspeed: DeepSpeedSettings = field(default_factory=DeepSpeedSettings)
+    fault: FaultSettings = field(default_factory=FaultSettings)
 
-def to_dict(config: Any) -> dict[str, Any]:
-    return dataclasses.asdict(config)
-
-
-def to_yaml(config: Any) -> str:
-    return OmegaConf.to_yaml(OmegaConf.structured(config))
-
-
-def save_config(config: Any, path: str | Path) -> Path:
-    """Write the resolved config as YAML (loads back with `load_config(type(config), path)`)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(to_yaml(config))
-    return path
-
-
-def split_cli(argv: Sequence[str]) -> tuple[list[str], list[str]]:
-    """Separate `key=value` overrides from flags (for entry points that take both)."""
-    overrides = [a for a in argv if "=" in a and not a.startswith("-")]
-    return [a for a in argv if a not in overrides], overrides
+    def __post_init__(self) -> None:
+        if not self.corpus:
+            raise ValueError("corpus is required (--corpus NAME or corpus=NAME)")
+        if not 0 <= self.holdout < 0.5:
+            raise ValueError(f"holdout must be in [0, 0.5), got {self.holdout}")
+        if self.eval_every < 0 or self.eval_rows < 0:
+            raise ValueError("eval_every and eval_rows must be >= 0")

@@ -8,7 +8,11 @@ position and RNG), resume from `ray.train.get_checkpoint()`, rank-0 MLflow loggi
 
 Data position: each rank reads its `streaming_split` shard in a deterministic order
 (`preserve_order`, seeded local shuffle per epoch) and counts batches; a resumed run skips the
-batches of the current epoch already consumed, so it sees the same next batches.
+Arrow batches of the current epoch already consumed (uncollated: skipping costs the read, not
+the tokenization or tensor building), so it sees the same next batches.
+
+Everything a worker gets is the typed `jobs.job.WorkerSpec`: the job object, its validated config,
+its `Inputs` dataclass and the `RunContext`.
 """
 
 from __future__ import annotations
@@ -22,8 +26,6 @@ import random
 import signal
 import tempfile
 import time
-from collections.abc import Callable
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -31,32 +33,13 @@ import numpy as np
 import torch
 from torch import nn
 
+from jobs.config import TrainJobConfig
+from jobs.job import JobParts, RunContext, WorkerSpec
+
 logger = logging.getLogger(__name__)
 STATE_FILE = "trainer_state.json"
 JOB_STATE_FILE = "job_state.json"
 CONFIG_FILE = "config.yaml"
-
-
-@dataclass
-class JobParts:
-    """What a job hands the loop, built on every worker."""
-
-    task: nn.Module
-    """forward(batch) -> seed_core.tasks.TaskOutput."""
-    collate: Any
-    """A ray.data.collate_fn.ArrowBatchCollateFn: Arrow batch -> dict of tensors."""
-    export: Callable[[nn.Module, Path], None]
-    """Saves the trained model (from the unwrapped task) into a directory (rank 0)."""
-    evaluate: Callable[[nn.Module], dict[str, float]] | None = None
-    """Held-out metrics; called on every rank (ZeRO-3 needs all ranks in the forward)."""
-    on_step: Callable[[Any, Any, int], dict[str, float]] | None = None
-    """Optional per-step hook `(engine, task output, step) -> metrics`, called on every rank after
-    the optimizer step (e.g. codebook-usage accounting, dead-code re-seeding)."""
-    final_artifacts: Callable[[nn.Module, Path], list[Path]] | None = None
-    """Plots etc. written at the end (rank 0)."""
-    stateful: dict[str, Any] = field(default_factory=dict)
-    """Job state outside the model and optimizer, by name: objects with `state_dict()` (JSON-able,
-    the same on every rank) and `load_state_dict()`; saved in every checkpoint, restored on resume."""
 
 
 def lr_lambda(
@@ -90,15 +73,23 @@ def param_groups(module: nn.Module, weight_decay: float) -> list[dict[str, Any]]
     ]  # DeepSpeed drops empty groups, desyncing the scheduler
 
 
-def deepspeed_config(job: dict[str, Any], *, use_gpu: bool) -> dict[str, Any]:
-    precision = job["deepspeed"]["precision"]
+def training_precision(config: TrainJobConfig) -> str:
+    """fp32, bf16 or fp16: `auto` is bf16 on GPU and fp32 on CPU (DeepSpeed refuses fp16 on CPU)."""
+    precision = config.deepspeed.precision
     if precision == "auto":
-        precision = "bf16" if use_gpu else "fp32"
+        return "bf16" if config.scaling.use_gpu else "fp32"
+    return precision
+
+
+def deepspeed_config(config: TrainJobConfig) -> dict[str, Any]:
+    """The DeepSpeed config dict of a job config (the optimizer and scheduler are passed as torch
+    objects: a DeepSpeed-config optimizer would JIT-build fused_adam on CPU, PITFALLS.md)."""
+    precision = training_precision(config)
     return {
-        "train_micro_batch_size_per_gpu": job["optim"]["batch_size_per_worker"],
+        "train_micro_batch_size_per_gpu": config.optim.batch_size_per_worker,
         "gradient_accumulation_steps": 1,
-        "gradient_clipping": job["optim"]["grad_clip"],
-        "zero_optimization": {"stage": job["deepspeed"]["zero_stage"]},
+        "gradient_clipping": config.optim.grad_clip,
+        "zero_optimization": {"stage": config.deepspeed.zero_stage},
         "bf16": {"enabled": precision == "bf16"},
         "fp16": {"enabled": precision == "fp16"},
         "steps_per_print": 10**9,
@@ -119,83 +110,57 @@ def _set_rng_state(state: dict[str, Any]) -> None:
     random.setstate(tuple(x if not isinstance(x, list) else tuple(x) for x in state["python"]))
 
 
-def train_loop_per_worker(job: dict[str, Any]) -> None:
+def train_loop_per_worker(spec: WorkerSpec[Any, Any]) -> None:
     """Ray Train entry point: build, prepare, iterate the dataset shard, step, report."""
-    import importlib
-
     import deepspeed
     import ray.train
-    from ray.train import Checkpoint
+    import ray.train.torch
 
     from jobs.deepspeed_ops import configure_environment, ensure_ops
 
-    ctx = ray.train.get_context()
-    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    train_ctx = ray.train.get_context()
+    ctx = spec.context.on_rank(train_ctx.get_world_rank(), train_ctx.get_world_size())
+    config, rank, world = spec.config, ctx.rank, ctx.world
     configure_environment()
-    ensure_ops()  # the comm op is prebuilt: load it under our flock before DeepSpeed looks for it
-    seed = job["run"]["seed"]
+    ensure_ops()  # the comm op is prebuilt: load it under our lock before DeepSpeed looks for it
+    seed = config.run.seed
     torch.manual_seed(seed + rank)
     np.random.seed(seed + rank)
     random.seed(seed + rank)
-    parts: JobParts = importlib.import_module(job["_job_module"]).build_parts(
-        job, rank=rank, world=world
-    )
-    optim = job["optim"]
+    parts = spec.job.build(config, spec.inputs, ctx)
+    optim = config.optim
     optimizer = torch.optim.AdamW(
-        param_groups(parts.task, optim["weight_decay"]), lr=optim["lr"], betas=tuple(optim["betas"])
+        param_groups(parts.task, optim.weight_decay), lr=optim.lr, betas=tuple(optim.betas)
     )
     schedule = torch.optim.lr_scheduler.LambdaLR(
         optimizer,
-        lambda s: lr_lambda(s, lr=optim["lr"], warmup_start_lr=optim["warmup_start_lr"],
-                            warmup_steps=optim["warmup_steps"], max_steps=optim["max_steps"], min_lr=optim["min_lr"]),
+        lambda s: lr_lambda(s, lr=optim.lr, warmup_start_lr=optim.warmup_start_lr,
+                            warmup_steps=optim.warmup_steps, max_steps=optim.max_steps, min_lr=optim.min_lr),
     )  # fmt: skip
     engine, _, _, _ = deepspeed.initialize(
-        model=parts.task, optimizer=optimizer, lr_scheduler=schedule,
-        config=deepspeed_config(job, use_gpu=job["scaling"]["use_gpu"]),
-    )  # fmt: skip
-    state = {"step": 0, "epoch": 0, "batches_in_epoch": 0}
-    checkpoint = ray.train.get_checkpoint()
-    if checkpoint:
-        with checkpoint.as_directory() as d:
-            state = json.loads(Path(d, STATE_FILE).read_text())
-            # DeepSpeed's own loader unpickles its state files: they are ours, written by this loop.
-            engine.load_checkpoint(d, tag=state["tag"], load_module_strict=True)
-            rng = Path(d, f"rng_rank{rank}.pt")
-            if rng.exists():
-                _set_rng_state(torch.load(rng, weights_only=False))
-            job_state = Path(d, JOB_STATE_FILE)
-            saved = json.loads(job_state.read_text()) if job_state.exists() else {}
-            for name, obj in parts.stateful.items():
-                if name in saved:
-                    obj.load_state_dict(saved[name])
-        logger.warning(
-            "rank %d resumed at step %d (epoch %d, batch %d)",
-            rank,
-            state["step"],
-            state["epoch"],
-            state["batches_in_epoch"],
-        )
-
-    tracker = _open_tracker(job) if rank == 0 else None
+        model=parts.task, optimizer=optimizer, lr_scheduler=schedule, config=deepspeed_config(config)
+    )
+    state = _resume(engine, parts, rank)
+    tracker = _open_tracker(spec, ctx) if rank == 0 else None
     shard = ray.train.get_dataset_shard("train")
-    max_steps, bs = optim["max_steps"], optim["batch_size_per_worker"]
-    run = job["run"]
-    fault = job["fault"]
+    device = ray.train.torch.get_device()
+    max_steps, bs = optim.max_steps, optim.batch_size_per_worker
+    metrics_log = ctx.run_dir / "metrics.jsonl"
     step = state0 = state["step"]
     start: float | None = None  # set at the first batch: throughput excludes Ray Data's start-up
     while step < max_steps:
-        epoch = state["epoch"]
-        batches = shard.iter_torch_batches(batch_size=bs, drop_last=True, collate_fn=parts.collate,
-                                           local_shuffle_buffer_size=4 * bs, local_shuffle_seed=seed + epoch)  # fmt: skip
+        batches = shard.iter_batches(batch_size=bs, drop_last=True, batch_format="pyarrow",
+                                     local_shuffle_buffer_size=4 * bs, local_shuffle_seed=seed + state["epoch"])  # fmt: skip
         seen = 0
-        for batch in batches:
+        for arrow_batch in batches:
             if seen < state["batches_in_epoch"]:
-                seen += 1  # consumed before the restart
+                seen += 1  # consumed before the restart: skipped before collating
                 continue
+            batch = {k: v.to(device) for k, v in parts.collate(arrow_batch).items()}
             if start is None:
                 start = time.monotonic()
-            if fault["kill_at_step"] == step and fault["rank"] == rank:
-                _kill_once(job, step)
+            if config.fault.kill_at_step == step and config.fault.rank == rank:
+                _kill_once(ctx.run_dir, step)
             engine.train()
             out = engine(batch)
             engine.backward(out.loss)
@@ -206,26 +171,20 @@ def train_loop_per_worker(job: dict[str, Any]) -> None:
             metrics = _step_metrics(out, engine, world)
             if parts.on_step:
                 metrics |= parts.on_step(engine, out, step)
-            if tracker and (step % run["log_every"] == 0 or step == max_steps):
-                metrics["samples_per_s"] = (
-                    (step - state0) * bs * world / (time.monotonic() - (start or 0.0))
-                )
+            if tracker and (step % config.run.log_every == 0 or step == max_steps):
+                metrics["samples_per_s"] = (step - state0) * bs * world / (time.monotonic() - start)
                 tracker.log_metrics(metrics, step=step)
-                _append_jsonl(
-                    Path(job["_run_dir"], "metrics.jsonl"), {"step": step, "metrics": metrics}
-                )
-            if parts.evaluate and job.get("eval_every") and step % job["eval_every"] == 0:
+                _append_jsonl(metrics_log, {"step": step, "metrics": metrics})
+            if parts.evaluate and config.eval_every and step % config.eval_every == 0:
                 engine.eval()
                 with torch.no_grad():
                     evals = parts.evaluate(engine.module)
                 if tracker:
                     evals = {f"eval/{k}": v for k, v in evals.items()}
                     tracker.log_metrics(evals, step=step)
-                    _append_jsonl(
-                        Path(job["_run_dir"], "metrics.jsonl"), {"step": step, "metrics": evals}
-                    )
-            if step % run["checkpoint_every"] == 0 or step == max_steps:
-                _save_and_report(engine, parts, job, state, rank, metrics, Checkpoint)
+                    _append_jsonl(metrics_log, {"step": step, "metrics": evals})
+            if step % config.run.checkpoint_every == 0 or step == max_steps:
+                _save_and_report(engine, parts, ctx, state, metrics)
             if step >= max_steps:
                 break
         if step < max_steps:
@@ -234,7 +193,31 @@ def train_loop_per_worker(job: dict[str, Any]) -> None:
                     "the training dataset shard yielded no full batch: more data or a smaller batch size"
                 )
             state.update(epoch=state["epoch"] + 1, batches_in_epoch=0)
-    _finish(engine, parts, job, rank, tracker)
+    _finish(engine, parts, spec, ctx, tracker)
+
+
+def _resume(engine: Any, parts: JobParts, rank: int) -> dict[str, Any]:
+    """The loop state of the last checkpoint (DeepSpeed state, RNG, job state loaded), or a fresh one."""
+    import ray.train
+
+    checkpoint = ray.train.get_checkpoint()
+    if not checkpoint:
+        return {"step": 0, "epoch": 0, "batches_in_epoch": 0}
+    with checkpoint.as_directory() as d:
+        state = json.loads(Path(d, STATE_FILE).read_text())
+        # DeepSpeed's own loader unpickles its state files: they are ours, written by this loop.
+        engine.load_checkpoint(d, tag=state["tag"], load_module_strict=True)
+        rng = Path(d, f"rng_rank{rank}.pt")
+        if rng.exists():
+            _set_rng_state(torch.load(rng, weights_only=True))
+        job_state = Path(d, JOB_STATE_FILE)
+        saved = json.loads(job_state.read_text()) if job_state.exists() else {}
+        for name, obj in parts.stateful.items():
+            if name in saved:
+                obj.load_state_dict(saved[name])
+    logger.warning("rank %d resumed at step %d (epoch %d, batch %d)", rank, state["step"],
+                   state["epoch"], state["batches_in_epoch"])  # fmt: skip
+    return state
 
 
 def _append_jsonl(path: Path, record: dict[str, Any]) -> None:
@@ -269,29 +252,30 @@ def _step_metrics(out: Any, engine: Any, world: int) -> dict[str, float]:
     return metrics
 
 
-def _save_and_report(engine: Any, parts: JobParts, job: dict[str, Any], state: dict[str, Any], rank: int,
-                     metrics: dict[str, float], checkpoint_cls: Any) -> None:  # fmt: skip
+def _save_and_report(engine: Any, parts: JobParts, ctx: RunContext, state: dict[str, Any],
+                     metrics: dict[str, float]) -> None:  # fmt: skip
     """Every rank writes its DeepSpeed shard to a local dir; Ray Train merges them into one checkpoint."""
     import ray.train
+    from ray.train import Checkpoint
 
     tag = f"step{state['step']:08d}"
     with tempfile.TemporaryDirectory(prefix="seedpipe-ckpt-") as tmp:
         engine.save_checkpoint(tmp, tag=tag)
-        torch.save(_rng_state(), Path(tmp, f"rng_rank{rank}.pt"))
-        if rank == 0:
+        torch.save(_rng_state(), Path(tmp, f"rng_rank{ctx.rank}.pt"))
+        if ctx.rank == 0:
             Path(tmp, STATE_FILE).write_text(json.dumps(state | {"tag": tag}))
-            Path(tmp, CONFIG_FILE).write_text(job["_resolved_yaml"])
+            Path(tmp, CONFIG_FILE).write_text(ctx.resolved_yaml)
             if parts.stateful:
                 Path(tmp, JOB_STATE_FILE).write_text(
                     json.dumps({name: obj.state_dict() for name, obj in parts.stateful.items()})
                 )
         ray.train.report({k: v for k, v in metrics.items() if np.isfinite(v)} | {"step": state["step"]},
-                         checkpoint=checkpoint_cls.from_directory(tmp), checkpoint_dir_name=tag)  # fmt: skip
+                         checkpoint=Checkpoint.from_directory(tmp), checkpoint_dir_name=tag)  # fmt: skip
 
 
-def _kill_once(job: dict[str, Any], step: int) -> None:
+def _kill_once(run_dir: Path, step: int) -> None:
     """Fault injection: SIGKILL this process the first time step `kill_at_step` is reached in this run."""
-    marker = Path(job["_run_dir"], f"fault_injected_step{step}")
+    marker = run_dir / f"fault_injected_step{step}"
     if marker.exists():
         return
     marker.parent.mkdir(parents=True, exist_ok=True)
@@ -300,55 +284,55 @@ def _kill_once(job: dict[str, Any], step: int) -> None:
     os.kill(os.getpid(), signal.SIGKILL)
 
 
-def _open_tracker(job: dict[str, Any]) -> Any:
+def _open_tracker(spec: WorkerSpec[Any, Any], ctx: RunContext) -> Any:
+    import dataclasses
+
     import mlflow
 
     from jobs.tracking import RunTracker
+    from pipelines.lineage import flatten
 
     # The run's store is also this process's global one: MLflow resolves `models:/` sources and
     # registry calls through the global URI (a worker's default would be ./mlflow.db in its cwd).
-    mlflow.set_tracking_uri(job["_tracking_uri"])
-    tracker = RunTracker(run_dir=job["_run_dir"], run_name=job["run"]["name"], tracking_uri=job["_tracking_uri"],
-                         tags={"job": job["_job_name"], "corpus": job["corpus"], "code_version": job["_code_version"]})  # fmt: skip
-    tracker.log_params(job["_params"])
-    for ds in job.get("_input_datasets", []):
-        tracker.log_dataset(**ds)
+    mlflow.set_tracking_uri(ctx.tracking_uri)
+    tags = {"job": spec.job.name, "stage": spec.job.name, "corpus": spec.config.corpus,
+            "code_version": ctx.code_version}  # fmt: skip
+    tracker = RunTracker(run_dir=ctx.run_dir, run_name=ctx.run_name, tracking_uri=ctx.tracking_uri, tags=tags)
+    tracker.log_params(flatten(dataclasses.asdict(spec.config)))
+    for ds in spec.input_datasets:
+        tracker.log_dataset(**ds.as_kwargs())
     return tracker
 
 
-def _finish(engine: Any, parts: JobParts, job: dict[str, Any], rank: int, tracker: Any) -> None:
+def _finish(engine: Any, parts: JobParts, spec: WorkerSpec[Any, Any], ctx: RunContext, tracker: Any) -> None:
     """Export the trained model (gathering ZeRO-3 partitions on all ranks), register it from rank 0."""
     import deepspeed
 
     params = list(engine.module.parameters())
     gather = (
         deepspeed.zero.GatheredParameters(params, modifier_rank=None)
-        if job["deepspeed"]["zero_stage"] == 3
+        if spec.config.deepspeed.zero_stage == 3
         else contextlib.nullcontext()
     )
     with gather:
-        if rank == 0:
-            out = Path(job["_run_dir"], "export")
+        if ctx.rank == 0:
+            out = ctx.run_dir / "export"
             parts.export(engine.module, out)
-            artifacts = (
-                parts.final_artifacts(engine.module, Path(job["_run_dir"]))
-                if parts.final_artifacts
-                else []
-            )
+            artifacts = parts.final_artifacts(engine.module, ctx.run_dir) if parts.final_artifacts else []
             for path in artifacts:
                 tracker.log_artifact(path, "plots")
-            _register(job, tracker, out)
+            _register(spec, ctx, tracker, out)
     if tracker:
         tracker.close()
 
 
-def _register(job: dict[str, Any], tracker: Any, out: Path) -> None:
+def _register(spec: WorkerSpec[Any, Any], ctx: RunContext, tracker: Any, out: Path) -> None:
     from jobs.export import ModelExportDeferred, log_seed_model
 
-    record = Path(job["_run_dir"], "registered_model.json")
+    record = ctx.run_dir / "registered_model.json"
     try:
-        info = log_seed_model(tracker, out, kind=job["_export_kind"], registered_name=job["register_as"],
-                              input_datasets=job.get("_input_datasets", []))  # fmt: skip
+        info = log_seed_model(tracker, out, kind=spec.job.export_kind, registered_name=spec.config.register_as,
+                              input_datasets=[d.as_kwargs() for d in spec.input_datasets])  # fmt: skip
     except ModelExportDeferred as deferred:
         # The model is trained and saved: a tracking outage must not fail (and so re-run) the job.
         logger.error("%s", deferred)

@@ -1,13 +1,20 @@
-"""What every derived stage's entry point shares: flags, Ray start-up, plan -> run -> report -> MLflow."""
+"""What every derived stage's entry point shares: its config base and flags, Ray start-up, and
+plan -> run -> report -> MLflow."""
 
 from __future__ import annotations
 
-import argparse
+import dataclasses
 import os
-from typing import Any
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
 
 from pipelines.catalog import Catalog, Plan
+from pipelines.config import parse_command
+from pipelines.datasets import dataset_ref
 from pipelines.stage import Resources, ShardTask, StageResult, execute
+
+T = TypeVar("T")
 
 # Passed to every Ray worker: offline hub, no wandb, the venv-private DeepSpeed/torch JIT cache.
 WORKER_ENV_KEYS = (
@@ -19,25 +26,37 @@ WORKER_ENV_KEYS = (
 )
 
 
-def add_stage_args(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument(
-        "--root", default="./seed-data", help="catalog root: local path or filesystem URI"
-    )
-    parser.add_argument(
-        "--dry-run", action="store_true", help="print the plan and stop; write nothing"
-    )
-    parser.add_argument("--num-workers", type=int, default=1, help="actors in the pool")
-    parser.add_argument("--num-gpus-per-worker", type=float, default=0.0)
-    parser.add_argument("--num-cpus-per-worker", type=float, default=1.0)
-    parser.add_argument("--batch-size", type=int, default=32, help="rows per model forward")
-    parser.add_argument(
-        "--address", default=None, help="Ray cluster address (default: RAY_ADDRESS or a local Ray)"
-    )
+@dataclass(kw_only=True)
+class StageConfig:
+    """What every derived stage's config has (features, qembeds, tokens)."""
+
+    root: str = "./seed-data"
+    """Catalog root: a local path or a filesystem URI (shared storage on a cluster)."""
+    corpus: str = ""
+    """Corpus name (`<root>/corpora/<corpus>/`). Required."""
+    dry_run: bool = False
+    """Print the plan and stop; write nothing."""
+    address: str | None = None
+    """Ray cluster address (default: RAY_ADDRESS, else a local Ray)."""
+    resources: Resources = field(default_factory=Resources)
+
+    def __post_init__(self) -> None:
+        if not self.corpus:
+            raise ValueError("corpus is required (--corpus NAME or corpus=NAME)")
 
 
-def resources(args: argparse.Namespace) -> Resources:
-    return Resources(num_workers=args.num_workers, num_gpus_per_worker=args.num_gpus_per_worker,
-                     num_cpus_per_worker=args.num_cpus_per_worker, batch_size=args.batch_size)  # fmt: skip
+STAGE_ALIASES = {
+    "--num-workers": "resources.num_workers",
+    "--num-gpus-per-worker": "resources.num_gpus_per_worker",
+    "--num-cpus-per-worker": "resources.num_cpus_per_worker",
+    "--batch-size": "resources.batch_size",
+}
+"""Flags for the resource settings every stage takes (shorthands for the dotted keys)."""
+
+
+def parse_stage(cls: type[T], argv: Sequence[str] | None, *, prog: str, doc: str | None) -> T:
+    """A stage's command line: the one grammar (pipelines.config) plus the resource flags."""
+    return parse_command(cls, argv, prog=prog, description=(doc or "").split("\n\n")[0], aliases=STAGE_ALIASES)
 
 
 def ensure_ray(address: str | None = None) -> None:
@@ -63,30 +82,28 @@ def ensure_ray(address: str | None = None) -> None:
     )
 
 
-def run_stage(catalog: Catalog, *, stage: str, corpus: str, plan: Plan, tasks: list[ShardTask], dry_run: bool,
-              address: str | None, config: dict[str, Any], resources: Resources, input_dir: str, output_dir: str,
-              worker_cls: type, worker_kwargs: dict[str, Any]) -> StageResult:  # fmt: skip
-    """Print the plan; unless dry, build on Ray inside an MLflow run, print and log the summary."""
+def run_stage(catalog: Catalog, *, stage: str, config: StageConfig, plan: Plan, tasks: list[ShardTask],
+              resolved: dict[str, Any], input_dir: str, output_dir: str, worker_cls: type,
+              worker_kwargs: dict[str, Any]) -> StageResult:  # fmt: skip
+    """Print the plan; unless dry, build on Ray inside an MLflow run, print and log the summary.
+
+    `resolved`: what the stage resolved from its config (model URIs and digests), logged beside it."""
+    corpus, dry_run, resources = config.corpus, config.dry_run, config.resources
     print(f"{stage} plan for {corpus} -> {output_dir}: {plan.summary()}", flush=True)
     if dry_run or not plan.to_build:
         if not dry_run:
             print(f"{stage}: nothing to do", flush=True)
         return StageResult(stage=stage, plan=plan, output_dir=output_dir)
-    from pipelines.catalog import dataset_digest
     from pipelines.lineage import stage_run
 
-    ensure_ray(address)
-    inputs = catalog.committed(input_dir)
+    ensure_ray(config.address)
     with stage_run(
-        catalog, stage=stage, corpus=corpus, config=config | {"resources": vars(resources)}
+        catalog, stage=stage, corpus=corpus, config=dataclasses.asdict(config) | {"resolved": resolved}
     ) as run:
-        run.log_dataset(name=_name(catalog, input_dir), digest=dataset_digest({s: r.digest for s, r in inputs.items()}),
-                        uri=catalog.uri(input_dir), context="input", rows=sum(r.rows for r in inputs.values()))  # fmt: skip
+        run.log_dataset(**dataset_ref(catalog, input_dir, "input").as_kwargs())
         result = execute(catalog, stage=stage, plan=plan, tasks=tasks, worker_cls=worker_cls,
                          worker_kwargs=worker_kwargs, resources=resources, output_dir=output_dir)  # fmt: skip
-        outputs = catalog.committed(output_dir)
-        run.log_dataset(name=_name(catalog, output_dir), digest=result.dataset_digest, uri=catalog.uri(output_dir),
-                        context="output", rows=sum(r.rows for r in outputs.values()))  # fmt: skip
+        run.log_dataset(**dataset_ref(catalog, output_dir, "output").as_kwargs())
         rate = result.rows_out / result.seconds if result.seconds else 0.0
         run.log_metrics({"rows_in": result.rows_in, "rows_out": result.rows_out, "images_per_s": rate,
                          "shards_built": len(plan.to_build) - len(result.failed_shards),
@@ -97,7 +114,3 @@ def run_stage(catalog: Catalog, *, stage: str, corpus: str, plan: Plan, tasks: l
     return result
 
 
-def _name(catalog: Catalog, directory: str) -> str:
-    """corpus/stage/name of a dataset folder (corpus/raw for raw)."""
-    rel = directory[len(catalog.base) + len("/corpora/") :]
-    return rel

@@ -12,7 +12,6 @@ fails that shard only. This stage is the only one that ever runs the vision enco
 
 from __future__ import annotations
 
-import argparse
 import io
 import tarfile
 import warnings
@@ -27,12 +26,13 @@ import pyarrow as pa
 
 from pipelines import cli_common
 from pipelines.catalog import Catalog, digest_of
+from pipelines.config import cli_main
 from pipelines.schemas import TARGET_COLUMNS, features_schema, to_fixed_list
-from pipelines.stage import Resources, ShardTask, ShardWorker, StageResult, plan_stage
+from pipelines.stage import ShardTask, ShardWorker, StageResult, plan_stage
 
 
 @dataclass(kw_only=True)
-class FeaturesConfig:
+class EncoderSpec:
     """What determines the features' content (its digest names the stage config)."""
 
     encoder: str = "paper-v2"
@@ -43,7 +43,7 @@ class FeaturesConfig:
     target: dict[str, Any] = field(default_factory=dict)
 
 
-def resolve_config(encoder: str, feature_set: str = "") -> FeaturesConfig:
+def resolve_encoders(encoder: str, feature_set: str = "") -> EncoderSpec:
     """Encoder presets or a local vision-encoder directory (paper-v2 shapes and targets) -> config."""
     from seed_core.presets import get_preset
 
@@ -55,7 +55,7 @@ def resolve_config(encoder: str, feature_set: str = "") -> FeaturesConfig:
         preset = get_preset(encoder)
         vision = asdict(preset.vision)
         name = feature_set or preset.name
-    return FeaturesConfig(
+    return EncoderSpec(
         encoder=encoder, feature_set=name, vision=vision, target=asdict(preset.target)
     )
 
@@ -89,7 +89,7 @@ def weights_identity(pretrained: str | None, seed: int) -> str:
     return h.hexdigest()
 
 
-def model_digest(config: FeaturesConfig) -> str:
+def model_digest(config: EncoderSpec) -> str:
     return digest_of(
         {
             "vision": weights_identity(config.vision.get("pretrained"), config.vision["seed"]),
@@ -232,41 +232,35 @@ class FeaturesShardWorker(ShardWorker):
         )
 
 
-def run(*, root: str = "./seed-data", corpus: str, encoder: str = "paper-v2", feature_set: str = "",
-        resources: Resources | None = None, dry_run: bool = False, address: str | None = None) -> StageResult:  # fmt: skip
+@dataclass(kw_only=True)
+class FeaturesConfig(cli_common.StageConfig):
+    encoder: str = "paper-v2"
+    """A preset name (tiny, small, paper-v1, paper-v2) or a local vision-encoder directory."""
+    feature_set: str = ""
+    """Output dataset name (`features/<name>/`); default: the preset name (or custom-<digest>)."""
+
+
+def run(config: FeaturesConfig) -> StageResult:
     """Plan and build the features of every raw shard that is missing or stale."""
-    resources = resources or Resources()
-    catalog = Catalog(root)
-    config = resolve_config(encoder, feature_set)
-    config_digest = digest_of({"vision": config.vision, "target": config.target})
-    output_dir = catalog.stage_dir(corpus, "features", config.feature_set)
-    plan, tasks = plan_stage(catalog, input_dir=catalog.raw_dir(corpus), output_dir=output_dir,
-                             config_digest=config_digest, model_digest=model_digest(config))  # fmt: skip
+    catalog = Catalog(config.root)
+    spec = resolve_encoders(config.encoder, config.feature_set)
+    config_digest = digest_of({"vision": spec.vision, "target": spec.target})
+    input_dir = catalog.raw_dir(config.corpus)
+    output_dir = catalog.stage_dir(config.corpus, "features", spec.feature_set)
+    plan, tasks = plan_stage(catalog, input_dir=input_dir, output_dir=output_dir,
+                             config_digest=config_digest, model_digest=model_digest(spec))  # fmt: skip
     return cli_common.run_stage(
-        catalog, stage="features", corpus=corpus, plan=plan, tasks=tasks, dry_run=dry_run, address=address,
-        config=asdict(config), resources=resources, input_dir=catalog.raw_dir(corpus), output_dir=output_dir,
-        worker_cls=FeaturesShardWorker,
-        worker_kwargs={"root": root, "config": {"vision": config.vision, "target": config.target},
-                       "batch_size": resources.batch_size},
+        catalog, stage="features", config=config, plan=plan, tasks=tasks, resolved=asdict(spec),
+        input_dir=input_dir, output_dir=output_dir, worker_cls=FeaturesShardWorker,
+        worker_kwargs={"root": config.root, "config": {"vision": spec.vision, "target": spec.target},
+                       "batch_size": config.resources.batch_size},
     )  # fmt: skip
 
 
+@cli_main
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="seedpipe features", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--corpus", required=True)
-    parser.add_argument(
-        "--encoder",
-        default="paper-v2",
-        help="preset (tiny, small, paper-v1, paper-v2) or local path",
-    )
-    parser.add_argument(
-        "--feature-set", default="", help="output dataset name (default: the preset name)"
-    )
-    cli_common.add_stage_args(parser)
-    args = parser.parse_args(argv)
-    result = run(root=args.root, corpus=args.corpus, encoder=args.encoder, feature_set=args.feature_set,
-                 resources=cli_common.resources(args), dry_run=args.dry_run, address=args.address)  # fmt: skip
-    return 0 if result.ok else 1
+    config = cli_common.parse_stage(FeaturesConfig, argv, prog="seedpipe features", doc=__doc__)
+    return 0 if run(config).ok else 1
 
 
 if __name__ == "__main__":

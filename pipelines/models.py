@@ -1,42 +1,110 @@
-"""Resolve a model reference (local directory or MLflow `models:/` URI) to a local directory + identity."""
+"""Model references: a local export directory or an MLflow `models:/` URI, resolved against the catalog.
+
+- A `models:/name/version` (or `models:/name@alias`) reference resolves against the catalog's
+  tracking store (`pipelines.lineage.tracking_uri`: the user's MLFLOW_TRACKING_URI, else the
+  embedded `<root>/mlflow.db`), passed explicitly to MLflow: never against whatever store MLflow's
+  process-global URI happens to name (its default is a `./mlflow.db` in the working folder, which
+  once made a model registered in the catalog "not found" and left a stray database behind).
+- Artifacts a server has to send are downloaded under `<root>/.cache/models/`; an embedded
+  store's artifacts are already local and are read where they are. Nothing is written outside
+  the root.
+- Every seedpipe export carries `lineage.json` (`write_lineage`): the corpus and feature set it
+  was trained on. It is the default feature set of the stages that apply the model.
+"""
 
 from __future__ import annotations
 
+import json
+import re
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
+
+from pipelines.catalog import Catalog
+
+LINEAGE_FILE = "lineage.json"
 
 
 @dataclass(frozen=True)
 class ModelRef:
     directory: str
-    """Local directory holding config.json + model.safetensors."""
+    """Local directory holding config.json + model.safetensors (or a LoRA adapter)."""
     name: str
-    """Dataset-folder-safe id: `<registered name>-v<version>` or `<dir name>`; suffixed with the digest."""
+    """Dataset-folder-safe id: `<registered name>-v<version>` or `<dir name>`."""
     uri: str
     """What the user gave (kept for lineage)."""
 
+    @property
+    def lineage(self) -> dict[str, Any]:
+        """The export's lineage record (corpus, features, ...); {} for a directory without one."""
+        path = Path(self.directory, LINEAGE_FILE)
+        return json.loads(path.read_text()) if path.is_file() else {}
 
-def resolve_model(ref: str) -> ModelRef:
-    """A directory as is; `models:/name/version` (or an alias) downloaded from the MLflow registry."""
+
+def resolve_model(ref: str, catalog: Catalog) -> ModelRef:
+    """A directory as is; a `models:/` URI from the catalog's MLflow registry."""
+    if not ref:
+        raise ValueError("a model reference is required: an export directory or models:/<name>/<version>")
     if ref.startswith("models:/"):
-        import mlflow
-
-        directory = mlflow.artifacts.download_artifacts(artifact_uri=ref)
-        # a pyfunc model keeps the saved directory under artifacts/<name>: a LoRA export (adapter
-        # config) wins over the tiny base model it may carry; else the seed_core model directory
-        root = Path(directory)
-        found = sorted(p.parent for p in root.rglob("adapter_config.json")) or sorted(
-            p.parent for p in root.rglob("model.safetensors")
-        )
-        if not found:
-            raise ValueError(
-                f"{ref} holds neither a LoRA adapter nor a model.safetensors (not a seedpipe model)"
-            )
-        found = [min(found, key=lambda p: len(p.parts))]
-        parts = ref[len("models:/") :].strip("/").split("/")
-        name = "-v".join(parts) if len(parts) == 2 else parts[0]
-        return ModelRef(directory=str(found[0]), name=name.replace("@", "-"), uri=ref)
+        return _from_registry(ref, catalog)
     path = Path(ref).expanduser()
-    if not (path / "config.json").is_file():
+    if not (path / "config.json").is_file() and not (path / "adapter_config.json").is_file():
         raise ValueError(f"{ref}: not a model directory (no config.json) and not a models:/ URI")
     return ModelRef(directory=str(path.resolve()), name=path.resolve().name, uri=ref)
+
+
+def _from_registry(ref: str, catalog: Catalog) -> ModelRef:
+    import mlflow
+    from mlflow.exceptions import MlflowException
+
+    from pipelines.lineage import tracking_uri
+
+    uri = tracking_uri(catalog)
+    parts = ref[len("models:/") :].strip("/").split("/")
+    name = ("-v".join(parts) if len(parts) == 2 else parts[0]).replace("@", "-")
+    local_store = uri.startswith("sqlite:") or uri.startswith("file:") or "://" not in uri
+    dst = None
+    if not local_store and "://" not in catalog.root_uri:
+        dst = Path(catalog.base, ".cache", "models", re.sub(r"[^A-Za-z0-9_.-]", "_", name))
+        shutil.rmtree(dst, ignore_errors=True)  # a fresh copy: the alias may point elsewhere now
+    try:
+        directory = mlflow.artifacts.download_artifacts(
+            artifact_uri=ref, tracking_uri=uri, registry_uri=uri, dst_path=str(dst) if dst else None
+        )
+    except MlflowException as err:
+        raise ValueError(f"{ref}: not found in the tracking store {uri} ({err.message})") from None
+    # A pyfunc model keeps the saved directory under artifacts/<name>: a LoRA export (adapter
+    # config) wins over the tiny base model it may carry; else the seed_core model directory.
+    root = Path(directory)
+    found = sorted(p.parent for p in root.rglob("adapter_config.json")) or sorted(
+        p.parent for p in root.rglob("model.safetensors")
+    )
+    if not found:
+        raise ValueError(f"{ref} holds neither a LoRA adapter nor a model.safetensors (not a seedpipe model)")
+    return ModelRef(directory=str(min(found, key=lambda p: len(p.parts))), name=name, uri=ref)
+
+
+def write_lineage(directory: str | Path, **record: Any) -> Path:
+    """Write an export's `lineage.json` (what it was trained on)."""
+    path = Path(directory, LINEAGE_FILE)
+    path.write_text(json.dumps(record, indent=2, sort_keys=True))
+    return path
+
+
+def default_feature_set(ref: ModelRef, catalog: Catalog, corpus: str) -> str:
+    """The feature set `ref` was trained on (its lineage), else the corpus's only one; an error
+    listing the candidates when neither decides."""
+    from pipelines.datasets import list_datasets, only_dataset
+
+    trained_on = ref.lineage.get("features", "")
+    if trained_on:
+        available = list_datasets(catalog, corpus, "features")
+        if trained_on not in available:
+            raise ValueError(
+                f"{ref.uri} was trained on feature set {trained_on!r}, which corpus {corpus!r} does not "
+                f"have (available feature sets: {', '.join(available) or 'none'}); make it with "
+                f"`seedpipe features --corpus {corpus}` or pass --features"
+            )
+        return trained_on
+    return only_dataset(catalog, corpus, "features", "features")

@@ -8,15 +8,16 @@ Q-Former runs per training step. Output: `qembeds/<stage1 name>@<digest12>/NNNNN
 
 from __future__ import annotations
 
-import argparse
 from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
 
 import numpy as np
 import pyarrow as pa
 
 from pipelines import cli_common
 from pipelines.catalog import Catalog, digest_of
-from pipelines.models import resolve_model
+from pipelines.config import cli_main
+from pipelines.models import default_feature_set, resolve_model
 from pipelines.schemas import (
     TARGET_COLUMNS,
     from_fixed_list,
@@ -24,7 +25,7 @@ from pipelines.schemas import (
     schema_shapes,
     to_fixed_list,
 )
-from pipelines.stage import Resources, ShardTask, ShardWorker, StageResult, plan_stage
+from pipelines.stage import ShardTask, ShardWorker, StageResult, plan_stage
 
 
 def read_features_schema(catalog: Catalog, features_dir: str) -> pa.Schema:
@@ -91,47 +92,46 @@ class QEmbedsShardWorker(ShardWorker):
             )
 
 
-def run(*, root: str = "./seed-data", corpus: str, features: str, stage1: str, name: str = "",
-        resources: Resources | None = None, dry_run: bool = False, address: str | None = None) -> StageResult:  # fmt: skip
+@dataclass(kw_only=True)
+class QEmbedsConfig(cli_common.StageConfig):
+    stage1: str = ""
+    """The stage-1 Q-Former: export directory or models:/ URI. Required."""
+    features: str = ""
+    """Features dataset name; default: the feature set the stage-1 model was trained on."""
+    name: str = ""
+    """Output dataset name (`qembeds/<name>/`); default: <model>@<digest12>."""
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if not self.stage1:
+            raise ValueError("stage1 is required: --stage1 <export directory or models:/seed-tokenizer-stage1/N>")
+
+
+def run(config: QEmbedsConfig) -> StageResult:
     from seed_core.qformer import CausalQFormer
 
-    resources = resources or Resources()
-    catalog = Catalog(root)
-    features_dir = catalog.stage_dir(corpus, "features", features)
+    catalog = Catalog(config.root)
+    ref = resolve_model(config.stage1, catalog)
+    features = config.features or default_feature_set(ref, catalog, config.corpus)
+    features_dir = catalog.stage_dir(config.corpus, "features", features)
     shapes = schema_shapes(read_features_schema(catalog, features_dir))
     target_column = next(c for c in shapes if c.startswith("target_"))
-    ref = resolve_model(stage1)
     digest = CausalQFormer.from_pretrained(ref.directory).digest
-    output_dir = catalog.stage_dir(corpus, "qembeds", name or f"{ref.name}@{digest[:12]}")
-    config = {"features": features, "stage1": ref.uri, "stage1_digest": digest}
+    output_dir = catalog.stage_dir(config.corpus, "qembeds", config.name or f"{ref.name}@{digest[:12]}")
     plan, tasks = plan_stage(catalog, input_dir=features_dir, output_dir=output_dir,
                              config_digest=digest_of({"stage": "qembeds"}), model_digest=digest)  # fmt: skip
     return cli_common.run_stage(
-        catalog, stage="qembeds", corpus=corpus, plan=plan, tasks=tasks, dry_run=dry_run, address=address,
-        config=config, resources=resources, input_dir=features_dir, output_dir=output_dir,
-        worker_cls=QEmbedsShardWorker,
-        worker_kwargs={"root": root, "stage1_dir": ref.directory, "features_shapes": {k: list(v) for k, v in shapes.items()},
-                       "target_column": target_column, "batch_size": resources.batch_size},
+        catalog, stage="qembeds", config=config, plan=plan, tasks=tasks, input_dir=features_dir, output_dir=output_dir,
+        resolved={"features": features, "stage1": ref.uri, "stage1_digest": digest}, worker_cls=QEmbedsShardWorker,
+        worker_kwargs={"root": config.root, "stage1_dir": ref.directory, "features_shapes": {k: list(v) for k, v in shapes.items()},
+                       "target_column": target_column, "batch_size": config.resources.batch_size},
     )  # fmt: skip
 
 
+@cli_main
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="seedpipe qembeds", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--corpus", required=True)
-    parser.add_argument(
-        "--features", default="paper-v2", help="features dataset name (the feature set)"
-    )
-    parser.add_argument(
-        "--stage1", required=True, help="stage-1 Q-Former: checkpoint directory or models:/ URI"
-    )
-    parser.add_argument(
-        "--name", default="", help="output dataset name (default: <model>@<digest12>)"
-    )
-    cli_common.add_stage_args(parser)
-    args = parser.parse_args(argv)
-    result = run(root=args.root, corpus=args.corpus, features=args.features, stage1=args.stage1, name=args.name,
-                 resources=cli_common.resources(args), dry_run=args.dry_run, address=args.address)  # fmt: skip
-    return 0 if result.ok else 1
+    config = cli_common.parse_stage(QEmbedsConfig, argv, prog="seedpipe qembeds", doc=__doc__)
+    return 0 if run(config).ok else 1
 
 
 if __name__ == "__main__":

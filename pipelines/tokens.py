@@ -10,23 +10,24 @@ its URL and caption.
 
 from __future__ import annotations
 
-import argparse
 from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
 
 import numpy as np
 import pyarrow as pa
 
 from pipelines import cli_common
 from pipelines.catalog import Catalog, digest_of
-from pipelines.models import resolve_model
+from pipelines.config import cli_main
+from pipelines.models import default_feature_set, resolve_model
 from pipelines.qembeds import read_features_schema
 from pipelines.schemas import from_fixed_list, schema_shapes, to_fixed_list, tokens_schema
-from pipelines.stage import Resources, ShardTask, ShardWorker, StageResult, plan_stage
+from pipelines.stage import ShardTask, ShardWorker, StageResult, plan_stage
 
 
 class TokensShardWorker(ShardWorker):
     def __init__(self, *, root: str, tokenizer_dir: str, patch_shape: list[int], tokenizer_id: str, batch_size: int,
-                 num_threads: int | None = None) -> None:  # fmt: skip
+                 tokenizer_uri: str = "", num_threads: int | None = None) -> None:  # fmt: skip
         super().__init__(root=root, num_threads=num_threads)
         import torch
 
@@ -37,7 +38,8 @@ class TokensShardWorker(ShardWorker):
         self.patch_shape = tuple(patch_shape)
         digest = self.tokenizer.digest
         self.schema = tokens_schema(num_tokens=self.tokenizer.config.num_queries,
-                                    meta={"tokenizer_id": tokenizer_id, "tokenizer_digest": digest})  # fmt: skip
+                                    meta={"tokenizer_id": tokenizer_id, "tokenizer_digest": digest, "tokenizer_uri": tokenizer_uri,
+                                          "num_codes": self.tokenizer.config.quantizer.num_codes})  # fmt: skip
         self.batch_size = batch_size
 
     def build(self, task: ShardTask) -> tuple[int, dict[str, int]]:
@@ -63,46 +65,47 @@ class TokensShardWorker(ShardWorker):
             )
 
 
-def run(*, root: str = "./seed-data", corpus: str, features: str, tokenizer: str, name: str = "",
-        resources: Resources | None = None, dry_run: bool = False, address: str | None = None) -> StageResult:  # fmt: skip
+@dataclass(kw_only=True)
+class TokensConfig(cli_common.StageConfig):
+    tokenizer: str = ""
+    """SeedTokenizer export directory or models:/ URI. Required."""
+    features: str = ""
+    """Features dataset name; default: the feature set the tokenizer was trained on."""
+    name: str = ""
+    """Output dataset name (`tokens/<name>/`); default: <tokenizer>@<digest12>."""
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if not self.tokenizer:
+            raise ValueError("tokenizer is required: --tokenizer <export directory or models:/seed-tokenizer/N>")
+
+
+def run(config: TokensConfig) -> StageResult:
     from seed_core.tokenizer import SeedTokenizer
 
-    resources = resources or Resources()
-    catalog = Catalog(root)
-    features_dir = catalog.stage_dir(corpus, "features", features)
+    catalog = Catalog(config.root)
+    ref = resolve_model(config.tokenizer, catalog)
+    features = config.features or default_feature_set(ref, catalog, config.corpus)
+    features_dir = catalog.stage_dir(config.corpus, "features", features)
     patch_shape = schema_shapes(read_features_schema(catalog, features_dir))["patch_features"]
-    ref = resolve_model(tokenizer)
     digest = SeedTokenizer.from_pretrained(ref.directory).digest
-    tokenizer_id = name or f"{ref.name}@{digest[:12]}"
-    output_dir = catalog.stage_dir(corpus, "tokens", tokenizer_id)
+    tokenizer_id = config.name or f"{ref.name}@{digest[:12]}"
+    output_dir = catalog.stage_dir(config.corpus, "tokens", tokenizer_id)
     plan, tasks = plan_stage(catalog, input_dir=features_dir, output_dir=output_dir,
                              config_digest=digest_of({"stage": "tokens"}), model_digest=digest)  # fmt: skip
     return cli_common.run_stage(
-        catalog, stage="tokens", corpus=corpus, plan=plan, tasks=tasks, dry_run=dry_run, address=address,
-        config={"features": features, "tokenizer": ref.uri, "tokenizer_digest": digest, "tokenizer_id": tokenizer_id},
-        resources=resources, input_dir=features_dir, output_dir=output_dir, worker_cls=TokensShardWorker,
-        worker_kwargs={"root": root, "tokenizer_dir": ref.directory, "patch_shape": list(patch_shape),
-                       "tokenizer_id": tokenizer_id, "batch_size": resources.batch_size},
+        catalog, stage="tokens", config=config, plan=plan, tasks=tasks, input_dir=features_dir, output_dir=output_dir,
+        resolved={"features": features, "tokenizer": ref.uri, "tokenizer_digest": digest, "tokenizer_id": tokenizer_id},
+        worker_cls=TokensShardWorker,
+        worker_kwargs={"root": config.root, "tokenizer_dir": ref.directory, "patch_shape": list(patch_shape),
+                       "tokenizer_id": tokenizer_id, "tokenizer_uri": ref.uri, "batch_size": config.resources.batch_size},
     )  # fmt: skip
 
 
+@cli_main
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="seedpipe tokenize", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--corpus", required=True)
-    parser.add_argument(
-        "--features", default="paper-v2", help="features dataset name (the feature set)"
-    )
-    parser.add_argument(
-        "--tokenizer", required=True, help="SeedTokenizer directory or models:/ URI"
-    )
-    parser.add_argument(
-        "--name", default="", help="output dataset name (default: <tokenizer>@<digest12>)"
-    )
-    cli_common.add_stage_args(parser)
-    args = parser.parse_args(argv)
-    result = run(root=args.root, corpus=args.corpus, features=args.features, tokenizer=args.tokenizer,
-                 name=args.name, resources=cli_common.resources(args), dry_run=args.dry_run, address=args.address)  # fmt: skip
-    return 0 if result.ok else 1
+    config = cli_common.parse_stage(TokensConfig, argv, prog="seedpipe tokenize", doc=__doc__)
+    return 0 if run(config).ok else 1
 
 
 if __name__ == "__main__":

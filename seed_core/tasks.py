@@ -179,3 +179,44 @@ class Stage2Task(nn.Module):
             codes=vq.indices,
             projected=vq.projected.detach(),
         )
+
+
+class LoraTask(nn.Module):
+    """PEFT-wrapped causal LM + the token-level losses of both directions (SEED's LLM side).
+
+    `loss` is the mean over all target tokens of the batch (what the model's own loss computes);
+    `loss_i2t` / `loss_t2i` are the same token-level mean restricted to one direction's rows
+    (`batch["i2t"]`). Only target positions go through the (B, T, V) -> float cross-entropy, to
+    spare a vocabulary-wide fp32 copy of the logits. M = target positions of the batch.
+    """
+
+    def __init__(self, model: nn.Module, space: Any) -> None:
+        super().__init__()
+        self.model = model
+        self.space = space
+
+    def forward(self, batch: dict[str, torch.Tensor]) -> Any:
+        logits_BTV = self.model(
+            input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False
+        ).logits
+        labels_BT = batch["labels"][:, 1:]  # position t predicts token t + 1
+        target_BT = labels_BT != -100
+        logits_MV = logits_BTV[:, :-1][target_BT].float()  # M target positions of the batch
+        labels_M = labels_BT[target_BT]
+        nll_M = nn.functional.cross_entropy(logits_MV, labels_M, reduction="none")
+        correct_M = (logits_MV.argmax(-1) == labels_M).float()
+        i2t_M = batch["i2t"].bool()[:, None].expand_as(target_BT)[target_BT]
+        zero = nll_M.sum() * 0  # keeps the graph (and the dtype) when a direction is absent
+
+        def mean(values: torch.Tensor, where: torch.Tensor) -> torch.Tensor:
+            return values[where].mean() if bool(where.any()) else zero
+
+        everywhere = torch.ones_like(i2t_M)
+        terms = {"loss_i2t": mean(nll_M, i2t_M), "loss_t2i": mean(nll_M, ~i2t_M)}
+        metrics = {
+            "token_acc_i2t": mean(correct_M, i2t_M).detach(),
+            "token_acc_t2i": mean(correct_M, ~i2t_M).detach(),
+            "i2t_rows": batch["i2t"].float().mean(),
+            "target_tokens": torch.tensor(float(labels_M.numel())),
+        }
+        return TaskOutput(loss=mean(nll_M, everywhere), terms=terms, metrics=metrics)
