@@ -55,25 +55,42 @@ def resolve_model(ref: str, catalog: Catalog) -> ModelRef:
 
 
 def _from_registry(ref: str, catalog: Catalog) -> ModelRef:
+    """`models:/name/<version|latest>` or `models:/name@alias` through an MlflowClient bound to the
+    catalog's store. Why not `download_artifacts("models:/...")` directly: in MLflow 3.17 its
+    version lookup (`ModelsArtifactRepository._get_model_uri_infos`) ignores the tracking and
+    registry URIs passed to it and asks the process-global store."""
     import mlflow
     from mlflow.exceptions import MlflowException
 
     from pipelines.lineage import tracking_uri
 
     uri = tracking_uri(catalog)
-    parts = ref[len("models:/") :].strip("/").split("/")
-    name = ("-v".join(parts) if len(parts) == 2 else parts[0]).replace("@", "-")
-    local_store = uri.startswith("sqlite:") or uri.startswith("file:") or "://" not in uri
-    dst = None
-    if not local_store and "://" not in catalog.root_uri:
-        dst = Path(catalog.base, ".cache", "models", re.sub(r"[^A-Za-z0-9_.-]", "_", name))
-        shutil.rmtree(dst, ignore_errors=True)  # a fresh copy: the alias may point elsewhere now
+    body = ref[len("models:/") :].strip("/")
+    model, _, alias = body.partition("@")
+    model, _, version = model.partition("/")
+    if not model or (alias and version) or (not alias and not version) or "/" in version:
+        raise ValueError(f"{ref}: expected models:/<name>/<version>, models:/<name>/latest or models:/<name>@<alias>")
+    client = mlflow.MlflowClient(tracking_uri=uri, registry_uri=uri)
     try:
-        directory = mlflow.artifacts.download_artifacts(
-            artifact_uri=ref, tracking_uri=uri, registry_uri=uri, dst_path=str(dst) if dst else None
-        )
+        if alias:
+            mv = client.get_model_version_by_alias(model, alias)
+        elif version == "latest":
+            versions = client.search_model_versions(f"name = '{model}'")
+            if not versions:
+                raise ValueError(f"{ref}: registered model {model!r} has no versions in {uri}")
+            mv = max(versions, key=lambda v: int(v.version))
+        else:
+            mv = client.get_model_version(model, version)
+        location = client.get_model_version_download_uri(mv.name, mv.version)
     except MlflowException as err:
         raise ValueError(f"{ref}: not found in the tracking store {uri} ({err.message})") from None
+    name = f"{model}-v{mv.version}" if not alias else f"{model}-{alias}"
+    dst = None
+    if not location.startswith("file:") and "://" not in catalog.root_uri:
+        dst = Path(catalog.base, ".cache", "models", re.sub(r"[^A-Za-z0-9_.-]", "_", name))
+        shutil.rmtree(dst, ignore_errors=True)  # a fresh copy: the alias may point elsewhere now
+    directory = mlflow.artifacts.download_artifacts(artifact_uri=location, tracking_uri=uri,
+                                                    dst_path=str(dst) if dst else None)  # fmt: skip
     # A pyfunc model keeps the saved directory under artifacts/<name>: a LoRA export (adapter
     # config) wins over the tiny base model it may carry; else the seed_core model directory.
     root = Path(directory)
