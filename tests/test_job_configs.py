@@ -4,24 +4,26 @@ from pathlib import Path
 
 import pytest
 
-from jobs.config import CONFIG_DIR, ConfigError, load_config, save_config
-from jobs.train_tokenizer import Stage1JobConfig, Stage2JobConfig
+from jobs.config import CONFIG_DIR
+from jobs.lora import LoraJobConfig
+from jobs.stage1 import Stage1JobConfig
+from jobs.stage2 import Stage2JobConfig
+from pipelines.config import ConfigError, load_config, save_config
 
-CLASSES = {"stage1": Stage1JobConfig, "stage2": Stage2JobConfig}
+CLASSES = {"stage1": Stage1JobConfig, "stage2": Stage2JobConfig, "lora": LoraJobConfig}
 
 
 def config_class(path: Path):
     """The job config class a shipped YAML belongs to, from its file name."""
-    name = path.stem
-    if "stage1" in name:
-        return Stage1JobConfig
-    if "stage2" in name:
-        return Stage2JobConfig
-    if "lora" in name:
-        from jobs.train_lora import LoraJobConfig
+    matches = [cls for key, cls in CLASSES.items() if key in path.stem]
+    assert len(matches) == 1, f"no single job config class for {path.name}: {matches}"
+    return matches[0]
 
-        return LoraJobConfig
-    raise AssertionError(f"no job config class for {path.name}")
+
+def test_every_job_has_shipped_yamls():
+    """Each job's config class has at least one YAML in jobs/configs (so the test below covers it)."""
+    shipped = {config_class(p) for p in CONFIG_DIR.glob("*.yaml")}
+    assert shipped == set(CLASSES.values())
 
 
 @pytest.mark.parametrize("path", sorted(CONFIG_DIR.glob("*.yaml")), ids=lambda p: p.name)
@@ -42,15 +44,17 @@ def test_merge_order_defaults_yaml_overrides(tmp_path):
 
 
 def test_unknown_keys_and_bad_values_name_the_key(tmp_path):
-    """An unknown key, a wrongly typed value and an out-of-range value each fail naming the key."""
+    """An unknown key, a wrongly typed value, an out-of-range value and a missing corpus each fail naming the key."""
     with pytest.raises(ConfigError, match="optim.lrr"):
-        load_config(Stage1JobConfig, None, ["optim.lrr=1"])
+        load_config(Stage1JobConfig, None, ["corpus=c", "optim.lrr=1"])
     with pytest.raises(ConfigError, match="scaling.num_workers"):
-        load_config(Stage1JobConfig, None, ["scaling.num_workers=many"])
+        load_config(Stage1JobConfig, None, ["corpus=c", "scaling.num_workers=many"])
     with pytest.raises(ValueError, match="scaling.num_workers"):
-        load_config(Stage1JobConfig, None, ["scaling.num_workers=0"])
+        load_config(Stage1JobConfig, None, ["corpus=c", "scaling.num_workers=0"])
     with pytest.raises(ConfigError, match="key.sub=value"):
-        load_config(Stage1JobConfig, None, ["optim.lr"])
+        load_config(Stage1JobConfig, None, ["corpus=c", "optim.lr"])
+    with pytest.raises(ValueError, match="corpus is required"):
+        load_config(Stage1JobConfig, None, [])
 
 
 def test_resolved_config_round_trips(tmp_path):
@@ -62,7 +66,7 @@ def test_resolved_config_round_trips(tmp_path):
 
 def test_paper_defaults_are_the_published_ones():
     """Stage 1 defaults to lr 3e-5 (warmup from 3e-7, cosine to 3e-6), stage 2 to lr 1e-4; wd 0.05."""
-    s1, s2 = Stage1JobConfig(), Stage2JobConfig()
+    s1, s2 = Stage1JobConfig(corpus="c"), Stage2JobConfig(corpus="c")
     assert (s1.optim.lr, s1.optim.warmup_start_lr, s1.optim.min_lr, s1.optim.warmup_steps) == (
         3e-5,
         3e-7,
