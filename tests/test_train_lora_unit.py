@@ -1,7 +1,8 @@
-"""Unit tests of jobs.train_lora without Ray: prepare on a tmp catalog, collate, task, evaluate, export."""
+"""Unit tests of the LoRA job (jobs.lora.LoraJob) without Ray: prepare on a tmp catalog, collate, task, evaluate, export."""
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import numpy as np
@@ -11,10 +12,12 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from jobs import config as cfg
-from jobs import train_lora
 from jobs.config import CONFIG_DIR
+from jobs.job import RunContext, run_location
+from jobs.lora import LoraJob, LoraJobConfig, i2t_rows, resolve_tokens
+from jobs.lora_export import EXPORT_META, load_exported
 from pipelines.catalog import Catalog, DoneRecord
+from pipelines.config import load_config, to_yaml
 from pipelines.schemas import to_fixed_list, tokens_schema
 
 pytestmark = pytest.mark.timeout(120)
@@ -25,12 +28,17 @@ NUM_CODES = 128
 CAPTIONS = ["a red square", "a green square", "a blue square", "a yellow square on a table"]
 
 
-def write_tokens(root, name: str = TOKENS, *, rows_per_shard: int = 24, shards: int = 2) -> Catalog:
-    """A committed tokens dataset (tokens_schema, tiny codebook) in a tmp catalog."""
+def write_tokens(root, name: str = TOKENS, *, rows_per_shard: int = 24, shards: int = 2,
+                 num_codes: int | None = NUM_CODES) -> Catalog:  # fmt: skip
+    """A committed tokens dataset (tokens_schema, tiny codebook) in a tmp catalog; its schema
+    metadata records `num_codes` as the tokens stage writes it (None: not recorded)."""
     catalog = Catalog(root)
     directory = catalog.stage_dir(CORPUS, "tokens", name)
     catalog.fs.create_dir(directory, recursive=True)
-    schema = tokens_schema(meta={"tokenizer_id": name, "tokenizer_digest": DIGEST})
+    meta = {"tokenizer_id": name, "tokenizer_digest": DIGEST}
+    if num_codes is not None:
+        meta["num_codes"] = num_codes
+    schema = tokens_schema(meta=meta)
     rng = np.random.default_rng(0)
     for s in range(shards):
         n = rows_per_shard
@@ -50,107 +58,123 @@ def write_tokens(root, name: str = TOKENS, *, rows_per_shard: int = 24, shards: 
     return catalog
 
 
-def tiny_config(root, *overrides: str) -> train_lora.LoraJobConfig:
-    return cfg.load_config(
-        train_lora.LoraJobConfig,
+def tiny_config(root, *overrides: str) -> LoraJobConfig:
+    """The tiny YAML on the tmp catalog, with `tokens` given as `<corpus>@<name>` (not resolved)."""
+    return load_config(
+        LoraJobConfig,
         CONFIG_DIR / "tiny_lora.yaml",
         [f"root={root}", f"tokens={CORPUS}@{TOKENS}", "corpus=elsewhere", *overrides],
     )
 
 
-def job_dict(config, prepared) -> dict:
-    """What jobs.launch hands the workers (minus the launch-only keys)."""
-    config = train_lora.resolve_tokens(config)
-    return cfg.to_dict(config) | prepared.extra
+def context(config: LoraJobConfig) -> RunContext:
+    """What jobs.launch hands rank 0 of 1 (no tracking: the parts never log)."""
+    name, storage = run_location(config, LoraJob.name)
+    return RunContext(run_name=name, storage_path=storage, tracking_uri="", code_version="test",
+                      resolved_yaml=to_yaml(config))  # fmt: skip
 
 
 @pytest.fixture(scope="module")
 def env(tmp_path_factory):
-    """(config, job dict) of the tiny YAML on a 48-row tokens dataset in a tmp catalog."""
+    """(resolved config, Prepared) of the tiny YAML on a 48-row tokens dataset in a tmp catalog."""
     root = tmp_path_factory.mktemp("lora")
     write_tokens(root)
-    config = tiny_config(root)
-    prepared = train_lora.prepare_lora(train_lora.resolve_tokens(config))
-    return config, job_dict(config, prepared)
+    config = LoraJob().resolve(tiny_config(root))
+    return config, LoraJob().prepare(config)
 
 
 @pytest.fixture
 def parts(env):
-    """Fresh JobParts (rank 0 of 1) from the tiny job dict."""
-    return train_lora.build_parts(env[1], rank=0, world=1)
+    """Fresh JobParts (rank 0 of 1) built from the tiny config and its prepared inputs."""
+    config, prepared = env
+    return LoraJob().build(config, prepared.inputs, context(config))
 
 
-def rows(job, n: int = 4) -> pa.Table:
-    return pq.read_table(job["_train_files"][0]).slice(0, n)
+def rows(prepared, n: int = 4) -> pa.Table:
+    return pq.read_table(prepared.train_files[0]).slice(0, n)
 
 
 def test_prepare_resolves_tokens_and_reuses_run_artifacts(env):
     """corpus@name sugar picks the corpus; the tokenizer, tiny LLM, shapes and lineage are resolved once."""
-    config, job = env
-    assert (job["corpus"], job["tokens"]) == (CORPUS, TOKENS)
-    assert (job["_num_codes"], job["_num_tokens"]) == (NUM_CODES, 32)
-    assert job["_tokens"]["tokenizer_digest"] == DIGEST and len(job["_train_files"]) == 2
-    assert job["_llm"].endswith("tiny_llm") and job["_text_tokenizer"].endswith("text_tokenizer")
-    (lineage,) = train_lora.prepare_lora(train_lora.resolve_tokens(config)).input_datasets
-    assert lineage["name"] == f"{CORPUS}/tokens/{TOKENS}" and lineage["rows"] == 48
-    before = {p: p.stat().st_mtime_ns for p in Path(job["_llm"]).iterdir()}
-    again = train_lora.prepare_lora(train_lora.resolve_tokens(config))
-    assert again.extra["_llm"] == job["_llm"]
+    config, prepared = env
+    inputs = prepared.inputs
+    assert (config.corpus, config.tokens) == (CORPUS, TOKENS)
+    assert (inputs.num_codes, inputs.num_tokens) == (NUM_CODES, 32)
+    assert inputs.tokens.tokenizer_digest == DIGEST and len(prepared.train_files) == 2
+    assert inputs.train_files == prepared.train_files
+    assert inputs.llm.endswith("tiny_llm") and inputs.text_tokenizer.endswith("text_tokenizer")
+    (lineage,) = prepared.input_datasets
+    assert lineage.name == f"{CORPUS}/tokens/{TOKENS}" and lineage.rows == 48
+    assert lineage.context == "training" and inputs.tokens.digest == lineage.digest
+    before = {p: p.stat().st_mtime_ns for p in Path(inputs.llm).iterdir()}
+    again = LoraJob().prepare(config)
+    assert again.inputs == inputs
     assert {p: p.stat().st_mtime_ns for p in before} == before  # a restart reuses, never retrains
 
 
-def test_prepare_refuses_missing_or_inconsistent_inputs(env, tmp_path):
-    """Empty tokens, an unknown dataset, an unknown codebook size and out-of-range codes each fail by name."""
-    root = env[1]["root"]
-    with pytest.raises(ValueError, match="tokens is required"):
-        train_lora.prepare_lora(tiny_config(root, "tokens=''"))
-    with pytest.raises(ValueError, match=f"available: \\['{TOKENS}'\\]"):
-        train_lora.prepare_lora(tiny_config(root, "tokens=nope", f"corpus={CORPUS}"))
-    with pytest.raises(ValueError, match="num_codes"):
-        train_lora.prepare_lora(train_lora.resolve_tokens(tiny_config(root, "num_codes=0")))
-    with pytest.raises(ValueError, match="codes in .* span"):
-        train_lora.prepare_lora(train_lora.resolve_tokens(tiny_config(root, "num_codes=16")))
+def test_resolve_defaults_to_the_corpus_only_tokens_dataset(env, monkeypatch):
+    """An empty `tokens` resolves to the corpus's only tokens dataset, and fails naming the key in a corpus with none."""
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)  # no registry: the only-dataset rule
+    root = env[0].root
+    assert resolve_tokens(tiny_config(root, "tokens=''", f"corpus={CORPUS}")).tokens == TOKENS
+    with pytest.raises(ValueError, match="tokens: corpus 'elsewhere' has no tokens datasets"):
+        resolve_tokens(tiny_config(root, "tokens=''"))
+
+
+def test_prepare_refuses_missing_or_inconsistent_inputs(env):
+    """An unknown dataset, too short a max_length and a bad i2t_fraction each fail by name."""
+    root = env[0].root
+    with pytest.raises(ValueError, match=f"available: {re.escape(TOKENS)}"):
+        LoraJob().prepare(resolve_tokens(tiny_config(root, "tokens=nope", f"corpus={CORPUS}")))
+    with pytest.raises(ValueError, match="max_length=20 cannot hold"):
+        LoraJob().prepare(resolve_tokens(tiny_config(root, "max_length=20")))
     with pytest.raises(ValueError, match="i2t_fraction"):
         tiny_config(root, "i2t_fraction=1.5")
+    with pytest.raises(ValueError, match="num_codes must be >= 0"):
+        tiny_config(root, "num_codes=-1")
 
 
-def test_num_codes_comes_from_the_tokens_runs_tokenizer(tmp_path, monkeypatch):
-    """With num_codes=0 the codebook size is read from the tokenizer logged by the tokens stage's MLflow run."""
-    from pipelines.lineage import stage_run
-    from seed_core.presets import tiny
-    from seed_core.tokenizer import SeedTokenizer
+def test_num_codes_comes_from_the_tokens_schema_metadata(tmp_path):
+    """With num_codes=0 the codebook size is the tokens schema's `num_codes`; an explicit value
+    that disagrees with it, or that the codes exceed, is refused; without the metadata it is required."""
+    write_tokens(tmp_path / "recorded", shards=1)
+    config = resolve_tokens(tiny_config(tmp_path / "recorded", "num_codes=0"))
+    assert LoraJob().prepare(config).inputs.num_codes == NUM_CODES
+    with pytest.raises(
+        ValueError,
+        match=f"num_codes=256 but the tokenizer that made {re.escape(TOKENS)} has {NUM_CODES}",
+    ):
+        LoraJob().prepare(resolve_tokens(tiny_config(tmp_path / "recorded", "num_codes=256")))
 
-    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
-    catalog = write_tokens(tmp_path / "root", shards=1)
-    torch.manual_seed(0)
-    SeedTokenizer(tiny().tokenizer).save_pretrained(tmp_path / "tok")
-    params = {"tokenizer": str(tmp_path / "tok"), "tokenizer_digest": DIGEST}
-    with stage_run(catalog, stage="tokens", corpus=CORPUS, config=params):
-        pass
-    assert train_lora.tokenizer_num_codes(catalog, DIGEST) == (NUM_CODES, str(tmp_path / "tok"))
-    assert train_lora.tokenizer_num_codes(catalog, "0" * 64) is None
+    write_tokens(tmp_path / "unrecorded", shards=1, num_codes=None)
+    with pytest.raises(ValueError, match="does not record its codebook size; set num_codes"):
+        LoraJob().prepare(resolve_tokens(tiny_config(tmp_path / "unrecorded", "num_codes=0")))
+    with pytest.raises(ValueError, match="num_codes=16: codes in .* span"):
+        LoraJob().prepare(resolve_tokens(tiny_config(tmp_path / "unrecorded", "num_codes=16")))
+    explicit = resolve_tokens(tiny_config(tmp_path / "unrecorded", f"num_codes={NUM_CODES}"))
+    assert LoraJob().prepare(explicit).inputs.num_codes == NUM_CODES
 
 
 def test_i2t_rows_mix_is_exact_and_deterministic():
     """round(f*B) rows are image-to-text, at least one per direction when 0<f<1, the same every call."""
     keys = [f"{i:09d}" for i in range(8)]
-    mix = train_lora.i2t_rows(keys, 0.5, seed=0)
-    assert mix.sum() == 4 and np.array_equal(mix, train_lora.i2t_rows(keys, 0.5, seed=0))
-    assert not np.array_equal(mix, train_lora.i2t_rows(keys, 0.5, seed=1))
-    assert train_lora.i2t_rows(keys[:4], 0.1, seed=0).sum() == 1
-    assert train_lora.i2t_rows(keys[:4], 0.9, seed=0).sum() == 3
-    assert train_lora.i2t_rows(keys, 0.0, seed=0).sum() == 0
-    assert train_lora.i2t_rows(keys, 1.0, seed=0).all()
+    mix = i2t_rows(keys, 0.5, seed=0)
+    assert mix.sum() == 4 and np.array_equal(mix, i2t_rows(keys, 0.5, seed=0))
+    assert not np.array_equal(mix, i2t_rows(keys, 0.5, seed=1))
+    assert i2t_rows(keys[:4], 0.1, seed=0).sum() == 1
+    assert i2t_rows(keys[:4], 0.9, seed=0).sum() == 3
+    assert i2t_rows(keys, 0.0, seed=0).sum() == 0
+    assert i2t_rows(keys, 1.0, seed=0).all()
 
 
 def test_collate_shapes_and_directions(env, parts):
     """The collate pads to max_length and builds half i2t rows (caption targets), half t2i rows (33 image targets)."""
-    job = env[1]
+    config, prepared = env
     space = parts.task.space
-    batch = parts.collate(rows(job))
+    batch = parts.collate(rows(prepared))
     assert set(batch) == {"input_ids", "attention_mask", "labels", "i2t"}
     for key in ("input_ids", "attention_mask", "labels"):
-        assert batch[key].shape == (4, job["max_length"]) and batch[key].dtype == torch.long
+        assert batch[key].shape == (4, config.max_length) and batch[key].dtype == torch.long
     assert batch["i2t"].sum() == 2
     for ids, labels, i2t in zip(batch["input_ids"], batch["labels"], batch["i2t"], strict=True):
         target = ids[labels != -100]
@@ -161,9 +185,9 @@ def test_collate_shapes_and_directions(env, parts):
         else:  # 32 codes + </img>
             assert len(target) == 33 and space.is_code_id(target[:32]).all()
             assert target[-1] == space.image_end_id
-    both = type(parts.collate)("both")(rows(job))
+    both = type(parts.collate)("both")(rows(prepared))
     assert (
-        both["input_ids"].shape == (8, job["max_length"])
+        both["input_ids"].shape == (8, config.max_length)
         and both["i2t"].tolist() == [True] * 4 + [False] * 4
     )
 
@@ -186,13 +210,14 @@ def test_forward_backward_trains_only_lora_and_image_rows(env, parts):
 
 
 def test_evaluate_returns_the_metric_keys(parts):
-    """evaluate gives held-out losses, caption exact-match/BLEU-4 and image validity in range."""
+    """evaluate gives held-out losses, caption exact match/BLEU-4/CIDEr-D and image validity in range."""
     metrics = parts.evaluate(parts.task)
-    assert set(metrics) == {"loss", "loss_i2t", "loss_t2i", "caption_exact_match", "caption_bleu4",
+    assert set(metrics) == {"loss", "loss_i2t", "loss_t2i", "caption_exact", "caption_bleu4", "caption_cider",
                             "t2i_valid", "t2i_valid_unconstrained", "t2i_code_acc", "rows"}  # fmt: skip
     assert metrics["rows"] > 0 and metrics["t2i_valid"] == 1.0
-    for key in ("caption_exact_match", "caption_bleu4", "t2i_valid_unconstrained", "t2i_code_acc"):
+    for key in ("caption_exact", "caption_bleu4", "t2i_valid_unconstrained", "t2i_code_acc"):
         assert 0.0 <= metrics[key] <= 1.0
+    assert 0.0 <= metrics["caption_cider"] <= 10.0  # CIDEr-D is x10
 
 
 def test_export_writes_an_adapter_that_reloads(env, parts, tmp_path):
@@ -207,21 +232,13 @@ def test_export_writes_an_adapter_that_reloads(env, parts, tmp_path):
     parts.export(parts.task, tmp_path / "export")
     names = {p.name for p in (tmp_path / "export").iterdir()}
     assert {"adapter_config.json", "adapter_model.safetensors", "text_tokenizer", "base_model",
-            train_lora.EXPORT_META} <= names  # fmt: skip
+            EXPORT_META} <= names  # fmt: skip
     keys = load_file(tmp_path / "export" / "adapter_model.safetensors").keys()
     assert all("lora_" in k or "trainable_tokens_delta" in k for k in keys)  # no embedding copy
     inputs = {k: batch[k] for k in ("input_ids", "attention_mask")}
     parts.task.eval()
     expected = parts.task.model(**inputs).logits
-    model, tokenizer, space = train_lora.load_exported(tmp_path / "export")
+    model, tokenizer, space = load_exported(tmp_path / "export")
     model.eval()
     assert space == parts.task.space and len(tokenizer) == space.image_end_id + 1
     assert torch.equal(model(**inputs).logits, expected)
-
-
-def test_corpus_bleu4_matches_hand_computed_values():
-    """BLEU-4 is 1 for identical text, 0 without a 4-gram match, and applies the brevity penalty."""
-    assert train_lora.corpus_bleu4(["a red square on a table"], ["a red square on a table"]) == 1.0
-    assert train_lora.corpus_bleu4(["a red square"], ["a blue circle"]) == 0.0
-    short = train_lora.corpus_bleu4(["a red square on a"], ["a red square on a table"])
-    assert short == pytest.approx(np.exp(1 - 6 / 5))
