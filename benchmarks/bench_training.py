@@ -22,7 +22,7 @@ shapes only), two measurements printed as ratios:
    CausalQFormer saved with save_pretrained as the stage-1 model -> qembeds), the real stage-2 job
    (`jobs.train_tokenizer.main(["--stage", "2", ...])`: Ray Train + DeepSpeed ZeRO-2, gloo) on
    `--workers` workers of 1 CPU each, vs a plain single-process loop over the same qembeds parquet
-   read with pyarrow, the same model and collate (`build_stage2`), optimizer, schedule and batch
+   read with pyarrow, the same model and collate (`Stage2Job().build`), optimizer, schedule and batch
    size, on `--plain-threads` torch threads (1 by default: the same as a 1-CPU Ray worker gets).
    The job's rate is its own `samples_per_s` from metrics.jsonl (timed from the first batch
    request: it excludes worker start-up and DeepSpeed init but includes the first batch's wait
@@ -263,6 +263,8 @@ def make_catalog(root: str, tmp: str, *, rows: int, seed: int) -> tuple[str, dic
 
     from pipelines import features, qembeds
     from pipelines.catalog import Catalog
+    from pipelines.features import FeaturesConfig
+    from pipelines.qembeds import QEmbedsConfig
     from pipelines.stage import Resources
     from seed_core.presets import get_preset
     from seed_core.qformer import CausalQFormer
@@ -277,15 +279,17 @@ def make_catalog(root: str, tmp: str, *, rows: int, seed: int) -> tuple[str, dic
     start = time.perf_counter()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        made = features.run(root=root, corpus=CORPUS, encoder=PRESET, resources=resources)
+        made = features.run(
+            FeaturesConfig(root=root, corpus=CORPUS, encoder=PRESET, resources=resources)
+        )
     assert made.ok, made
     times["features (small encoders)"] = time.perf_counter() - start
     stage1 = Path(tmp, "stage1-random")
     torch.manual_seed(seed)
     CausalQFormer(get_preset(PRESET).tokenizer.qformer).save_pretrained(stage1)
     start = time.perf_counter()
-    made = qembeds.run(root=root, corpus=CORPUS, features=PRESET, stage1=str(stage1),
-                       resources=resources)  # fmt: skip
+    made = qembeds.run(QEmbedsConfig(root=root, corpus=CORPUS, features=PRESET, stage1=str(stage1),
+                                     resources=resources))  # fmt: skip
     assert made.ok, made
     times["qembeds"] = time.perf_counter() - start
     return str(stage1), times
@@ -367,31 +371,36 @@ def run_plain(root: str, stage1: str, *, threads: int, batch_size: int, steps: i
     """The job's model, collate, optimizer and schedule, in one process with no Ray or DeepSpeed."""
     import torch
 
-    from jobs import config as cfg
-    from jobs.train_tokenizer import Stage2JobConfig, build_stage2, prepare_stage2
+    from jobs.job import RunContext, run_location
+    from jobs.stage2 import Stage2Job, Stage2JobConfig
     from jobs.trainer import lr_lambda, param_groups
+    from pipelines.config import load_config, to_yaml
 
     torch.set_num_threads(threads)
     with CpuShare() as cpu:
         start = time.perf_counter()
-        config = cfg.load_config(Stage2JobConfig, None, job_overrides(
+        config = load_config(Stage2JobConfig, None, job_overrides(
             root, stage1, workers=1, batch_size=batch_size, steps=steps, log_every=log_every, seed=seed))  # fmt: skip
-        prepared = prepare_stage2(config)
-        job = cfg.to_dict(config) | prepared.extra
+        job = Stage2Job()
+        prepared = job.prepare(config)
+        name, storage = run_location(config, job.name)
+        # what jobs.launch hands rank 0 of 1 (the plain loop logs nowhere: no tracking URI)
+        context = RunContext(run_name=name, storage_path=storage, tracking_uri="", code_version="",
+                             resolved_yaml=to_yaml(config))  # fmt: skip
         torch.manual_seed(seed)  # rank 0's seed in the job
-        parts = build_stage2(job, rank=0, world=1)
-        optim = job["optim"]
-        optimizer = torch.optim.AdamW(param_groups(parts.task, optim["weight_decay"]), lr=optim["lr"],
-                                      betas=tuple(optim["betas"]))  # fmt: skip
+        parts = job.build(config, prepared.inputs, context)
+        optim = config.optim
+        optimizer = torch.optim.AdamW(param_groups(parts.task, optim.weight_decay), lr=optim.lr,
+                                      betas=tuple(optim.betas))  # fmt: skip
         schedule = torch.optim.lr_scheduler.LambdaLR(
             optimizer,
-            lambda s: lr_lambda(s, lr=optim["lr"], warmup_start_lr=optim["warmup_start_lr"],
-                                warmup_steps=optim["warmup_steps"], max_steps=optim["max_steps"],
-                                min_lr=optim["min_lr"]),
+            lambda s: lr_lambda(s, lr=optim.lr, warmup_start_lr=optim.warmup_start_lr,
+                                warmup_steps=optim.warmup_steps, max_steps=optim.max_steps,
+                                min_lr=optim.min_lr),
         )  # fmt: skip
         params = [p for g in optimizer.param_groups for p in g["params"]]
         task = parts.task.train()
-        columns = ["causal_embeds", job["_target"]]
+        columns = ["causal_embeds", prepared.inputs.target]
         points = []
         loop_start = time.perf_counter()
         batches = _arrow_batches(prepared.train_files, columns, batch_size)
@@ -400,7 +409,7 @@ def run_plain(root: str, stage1: str, *, threads: int, batch_size: int, steps: i
             optimizer.zero_grad(set_to_none=True)
             out = task(batch)
             out.loss.backward()
-            torch.nn.utils.clip_grad_norm_(params, optim["grad_clip"])
+            torch.nn.utils.clip_grad_norm_(params, optim.grad_clip)
             optimizer.step()
             schedule.step()
             out.loss.item()  # the job reads its loss terms every step too
