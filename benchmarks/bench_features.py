@@ -291,8 +291,8 @@ def run_ray_stage(root: str, corpus: str, *, images: int, num_workers: int, batc
     try:
         with TreeMonitor() as monitor:
             called = time.time()
-            result = features.run(root=root, corpus=corpus, encoder=PRESET, feature_set="bench-small",
-                                  resources=Resources(num_workers=num_workers, batch_size=batch_size))  # fmt: skip
+            result = features.run(features.FeaturesConfig(root=root, corpus=corpus, encoder=PRESET, feature_set="bench-small",
+                                  resources=Resources(num_workers=num_workers, batch_size=batch_size)))  # fmt: skip
     finally:
         ray.shutdown()  # kills the actors: the next measurement starts from a quiet machine
     assert result.ok and result.rows_out == images, (result.failed_shards, result.rows_out, images)

@@ -87,7 +87,8 @@ def run_stage(catalog: Catalog, *, stage: str, config: StageConfig, plan: Plan, 
               worker_kwargs: dict[str, Any]) -> StageResult:  # fmt: skip
     """Print the plan; unless dry, build on Ray inside an MLflow run, print and log the summary.
 
-    `resolved`: what the stage resolved from its config (model URIs and digests), logged beside it."""
+    `resolved`: what the stage resolved from its config (defaults, model URIs and digests); logged
+    as params over the config's own values, so a param says what the stage really used."""
     corpus, dry_run, resources = config.corpus, config.dry_run, config.resources
     print(f"{stage} plan for {corpus} -> {output_dir}: {plan.summary()}", flush=True)
     if dry_run or not plan.to_build:
@@ -98,7 +99,7 @@ def run_stage(catalog: Catalog, *, stage: str, config: StageConfig, plan: Plan, 
 
     ensure_ray(config.address)
     with stage_run(
-        catalog, stage=stage, corpus=corpus, config=dataclasses.asdict(config) | {"resolved": resolved}
+        catalog, stage=stage, corpus=corpus, config=dataclasses.asdict(config) | resolved
     ) as run:
         run.log_dataset(**dataset_ref(catalog, input_dir, "input").as_kwargs())
         result = execute(catalog, stage=stage, plan=plan, tasks=tasks, worker_cls=worker_cls,

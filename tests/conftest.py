@@ -80,14 +80,10 @@ def _isolate_mlflow_global_uri():
         os.environ["MLFLOW_TRACKING_URI"] = env
 
 
-@pytest.fixture(scope="module")
-def features_root(tmp_path_factory, ray_session):
-    """A catalog root (one per test module) with a 3 x 16-image raw corpus 'demo' and its tiny features."""
-    from pipelines import features
-    from pipelines.catalog import Catalog
-    from tests.raw_fixture import make_raw_corpus
+@pytest.fixture(scope="session")
+def cli_chain(tmp_path_factory):
+    """The README's whole chain (ingest .. train-lora) through the `seedpipe` console script, from a
+    fresh folder with MLFLOW_TRACKING_URI unset: built once per session, asserted on by many tests."""
+    from tests.chain import build_chain
 
-    root = tmp_path_factory.mktemp("catalog") / "data"
-    make_raw_corpus(Catalog(root), "demo", num_shards=3, per_shard=16)
-    assert features.run(root=str(root), corpus="demo", encoder="tiny").ok
-    return root
+    return build_chain(tmp_path_factory.mktemp("chain"))

@@ -22,6 +22,7 @@ from jobs.export import (
     register_pending,
 )
 from jobs.tracking import RunTracker
+from pipelines.catalog import Catalog
 from pipelines.models import resolve_model
 from seed_core.qformer import CausalQFormer
 from seed_core.tokenizer import SeedTokenizer
@@ -82,7 +83,7 @@ def test_tokenizer_registered_resolved_and_served(tmp_path, tiny, tracking, patc
     assert linked["loss"].step == 2  # the run's metrics at the model's step are linked too
     assert [m.step for m in client.get_metric_history(tracker.run_id, "loss")] == [0, 1, 2]
 
-    ref = resolve_model("models:/seed-tokenizer/1")
+    ref = resolve_model("models:/seed-tokenizer/1", Catalog(tmp_path))
     assert {p.name for p in Path(ref.directory).iterdir()} >= {"config.json", "model.safetensors"}
     reloaded = SeedTokenizer.from_pretrained(ref.directory).eval()
     expected = first.encode(patch_features)

@@ -1,9 +1,11 @@
-"""Training jobs end to end on a local Ray with 2 gloo workers and DeepSpeed ZeRO-2 (tiny preset).
+"""The training jobs end to end, asserted on the chain the README's commands built (tests/chain.py).
 
-One corpus flows through the whole chain: features -> stage 1 -> qembeds -> stage 2 -> tokens ->
-LoRA. Each job is run through its `main([...])` and its artifacts are asserted: loss going down,
-DeepSpeed checkpoints with the resolved config, the exported model loading, and the MLflow run
-(params, metrics, inputs with digests, registered model version, plots).
+One corpus flowed through the whole chain as a user runs it (the `seedpipe` console script from a
+fresh folder, MLFLOW_TRACKING_URI unset): ingest -> features -> stage 1 -> qembeds -> stage 2 ->
+tokenize -> LoRA, on a local Ray with 2 gloo workers and DeepSpeed ZeRO-2 (tiny preset). Each
+test asserts one job's artifacts: loss going down, DeepSpeed checkpoints with the resolved config,
+the exported model loading, and the MLflow run (params, metrics, inputs with digests, registered
+model version, plots).
 """
 
 from __future__ import annotations
@@ -12,25 +14,24 @@ import json
 from collections import Counter
 from pathlib import Path
 
-import mlflow
 import pytest
 import torch
 from mlflow import MlflowClient
 
-from jobs import train_lora, train_tokenizer
+from jobs import train_tokenizer
 from jobs.config import CONFIG_DIR
-from pipelines import qembeds, tokens
+from pipelines.catalog import Catalog
 from pipelines.models import resolve_model
 from seed_core.qformer import CausalQFormer
 from seed_core.tokenizer import SeedTokenizer
+from tests.chain import CORPUS
 
-pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
-CORPUS = "demo"
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(1200)]
 
 
 @pytest.fixture(scope="module")
-def root(features_root):
-    return features_root
+def root(cli_chain):
+    return cli_chain.root
 
 
 def client_for(root: Path) -> MlflowClient:
@@ -68,16 +69,7 @@ def assert_checkpoint(run_dir: Path, step: int) -> None:
 
 def test_stage1_trains_checkpoints_exports_and_registers(root):
     """Stage 1: ITC loss goes down, checkpoints at 5/10/12, the Q-Former exports, loads, and is registered."""
-    argv = [
-        "--stage",
-        "1",
-        "--config",
-        str(CONFIG_DIR / "tiny_stage1.yaml"),
-        f"root={root}",
-        f"corpus={CORPUS}",
-    ]
-    assert train_tokenizer.main(argv) == 0
-    run_dir = root / "runs" / "stage1-demo"
+    run_dir = root / "runs" / f"stage1-{CORPUS}"
     curve = losses(run_dir)
     assert sorted(curve) == list(range(1, 13))
     assert sum(curve[s] for s in (10, 11, 12)) < sum(curve[s] for s in (1, 2, 3))
@@ -88,7 +80,7 @@ def test_stage1_trains_checkpoints_exports_and_registers(root):
     client = client_for(root)
     run = job_run(client, run_dir)
     assert run.data.params["optim.lr"] == "0.001" and run.data.params["preset"] == "tiny"
-    assert {"loss", "itc", "lr", "eval/i2t_recall_at_1", "eval/t2i_recall_at_5"} <= set(
+    assert {"loss", "itc", "lr", "eval/i2t_r1", "eval/t2i_r5"} <= set(
         run.data.metrics
     )
     assert steps(client, run.info.run_id, "loss") == Counter(range(1, 13))
@@ -96,27 +88,25 @@ def test_stage1_trains_checkpoints_exports_and_registers(root):
     assert inputs[f"{CORPUS}/features/tiny"].digest
     version = client.get_model_version("seed-tokenizer-stage1", "1")
     assert version.run_id == run.info.run_id and version.tags["digest"] == qformer.digest
+    # the export says what it was trained on: the default feature set of qembeds and tokenize
+    assert json.loads((run_dir / "export" / "lineage.json").read_text())["features"] == "tiny"
     assert "loss_curves.png" in {
         Path(a.path).name for a in client.list_artifacts(run.info.run_id, "plots")
     }
 
 
 def test_stage2_from_cached_embeddings(root):
-    """Stage 2 trains from qembeds of the registered stage-1 model, reports codebook health, exports a SeedTokenizer."""
-    mlflow.set_tracking_uri(f"sqlite:///{root}/mlflow.db")
-    assert qembeds.run(
-        root=str(root), corpus=CORPUS, features="tiny", stage1="models:/seed-tokenizer-stage1/1"
-    ).ok
-    argv = ["--stage", "2", "--config", str(CONFIG_DIR / "tiny_stage2.yaml"), f"root={root}", f"corpus={CORPUS}",
-            "stage1=models:/seed-tokenizer-stage1/1"]  # fmt: skip
-    assert train_tokenizer.main(argv) == 0
-    run_dir = root / "runs" / "stage2-demo"
+    """Stage 2 trained from the qembeds of the registered stage-1 model (features defaulted from its
+    lineage), reports codebook health, and exports a SeedTokenizer whose Q-Former stayed frozen."""
+    qembeds = list((root / "corpora" / CORPUS / "qembeds").iterdir())
+    assert [q.name.split("@")[0] for q in qembeds] == ["seed-tokenizer-stage1-v1"]
+    run_dir = root / "runs" / f"stage2-{CORPUS}"
     curve = losses(run_dir)
     assert sum(curve[s] for s in (10, 11, 12)) < sum(curve[s] for s in (1, 2, 3))
     assert_checkpoint(run_dir, 12)
     tok = SeedTokenizer.from_pretrained(run_dir / "export").eval()
     stage1 = CausalQFormer.from_pretrained(
-        resolve_model("models:/seed-tokenizer-stage1/1").directory
+        resolve_model("models:/seed-tokenizer-stage1/1", Catalog(root)).directory
     )
     assert tok.qformer.digest == stage1.digest  # the Q-Former stayed frozen
     assert tok.encode(torch.randn(2, 17, 32)).shape == (2, 32)
@@ -147,7 +137,7 @@ def history(client: MlflowClient, run_id: str, key: str) -> dict[int, float]:
 def test_stage2_dead_code_reseeding_survives_a_killed_worker(root):
     """With the opt-in `dead_codes.reseed`, codes dead for a window are re-seeded and the remedy's
     counts survive a worker SIGKILLed at step 7: they resume from the step-5 checkpoint, not zero."""
-    argv = ["--stage", "2", "--config", str(CONFIG_DIR / "tiny_stage2.yaml"), f"root={root}", f"corpus={CORPUS}",
+    argv = ["--stage", "2", "--config", str(CONFIG_DIR / "tiny_stage2.yaml"), "--root", str(root), "--corpus", CORPUS,
             "stage1=models:/seed-tokenizer-stage1/1", "run.name=reseed", "register_as=seed-tokenizer-reseed",
             "dead_codes.reseed=true", "fault.kill_at_step=7", "fault.rank=1"]  # fmt: skip
     assert train_tokenizer.main(argv) == 0
@@ -168,7 +158,7 @@ def test_stage2_dead_code_reseeding_survives_a_killed_worker(root):
     assert sum(state["total"]) == 12 * 2 * 4 * 32
     assert state["reseeded"] == reseeded[10]
 
-    paper = job_run(client, root / "runs" / "stage2-demo")  # the same job without the remedy
+    paper = job_run(client, root / "runs" / f"stage2-{CORPUS}")  # the same job without the remedy
     paper_dead = history(client, paper.info.run_id, "dead_codes")
     print(f"dead codes (reseed / paper): {dead} / {paper_dead}")
     assert "reseeded_total" not in paper.data.metrics
@@ -179,26 +169,18 @@ def test_stage2_dead_code_reseeding_survives_a_killed_worker(root):
 
 
 def test_lora_on_the_token_corpus(root):
-    """LoRA on tokens made by the registered tokenizer: both directions' losses, eval metrics, seed-lora registered."""
-    mlflow.set_tracking_uri(f"sqlite:///{root}/mlflow.db")
-    made = tokens.run(
-        root=str(root), corpus=CORPUS, features="tiny", tokenizer="models:/seed-tokenizer/1"
-    )
-    assert made.ok
-    name = Path(made.output_dir).name
-    argv = [
-        "--config",
-        str(CONFIG_DIR / "tiny_lora.yaml"),
-        f"root={root}",
-        f"corpus={CORPUS}",
-        f"tokens={name}",
-    ]
-    assert train_lora.main(argv) == 0
-    run_dir = next((root / "runs").glob("lora-*"))
+    """LoRA on the tokens made by the registered tokenizer (tokens= defaulted to them): both
+    directions' losses, eval metrics, seed-lora registered from its run."""
+    (tokens,) = (root / "corpora" / CORPUS / "tokens").iterdir()
+    assert tokens.name.startswith("seed-tokenizer-v1@")
+    run_dir = root / "runs" / f"lora-{CORPUS}"
     client = client_for(root)
     run = job_run(client, run_dir)
+    assert run.data.params["tokens"] == tokens.name
     assert {"loss", "loss_i2t", "loss_t2i"} <= set(run.data.metrics)
-    assert {"eval/caption_bleu4", "eval/t2i_valid"} <= set(run.data.metrics)
+    assert {"eval/caption_bleu4", "eval/caption_cider", "eval/t2i_valid"} <= set(run.data.metrics)
     assert run.data.metrics["eval/t2i_valid"] == 1.0
     version = client.get_model_version("seed-lora", "1")
     assert version.run_id == run.info.run_id
+    curve = losses(run_dir)
+    assert sum(curve[s] for s in (8, 9, 10)) < sum(curve[s] for s in (1, 2, 3))

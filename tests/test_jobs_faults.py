@@ -1,4 +1,8 @@
-"""Fault tolerance of the training jobs: a killed worker, a killed driver, a tracking server outage."""
+"""Fault tolerance of the training jobs: a killed worker, a killed driver, a tracking server outage.
+
+They run on the catalog the README chain built (tests/chain.py): its features, and its stage-1
+run as the uninterrupted reference, so no stage-1 job is run twice for these tests.
+"""
 
 from __future__ import annotations
 
@@ -16,18 +20,18 @@ from mlflow import MlflowClient
 
 from jobs import train_tokenizer
 from jobs.config import CONFIG_DIR
+from tests.chain import CORPUS
 from tests.mlflow_server import MlflowServer
 from tests.process_tree import kill_driver_and_ray
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
-CORPUS = "demo"
 REPO = Path(__file__).resolve().parents[1]
 STAGE1 = str(CONFIG_DIR / "tiny_stage1.yaml")
 
 
 @pytest.fixture(scope="module")
-def root(features_root):
-    return features_root
+def root(cli_chain):
+    return cli_chain.root
 
 
 def loss_steps(client: MlflowClient, run_dir: Path) -> tuple[str, Counter]:
@@ -46,9 +50,8 @@ def jsonl_losses(run_dir: Path) -> dict[int, float]:
 
 def test_killed_worker_resumes_from_the_last_checkpoint(root):
     """Rank 1 SIGKILLed at step 7 (max_failures=1): the job finishes from the step-5 checkpoint; MLflow has
-    steps 1..12 exactly once, and the resumed steps reproduce an uninterrupted run's losses."""
-    base = ["--stage", "1", "--config", STAGE1, f"root={root}", f"corpus={CORPUS}"]
-    assert train_tokenizer.main([*base, "run.name=clean"]) == 0
+    steps 1..12 exactly once, and the resumed steps reproduce the chain's uninterrupted run's losses."""
+    base = ["--stage", "1", "--config", STAGE1, "--root", str(root), "--corpus", CORPUS]
     assert (
         train_tokenizer.main([*base, "run.name=killed", "fault.kill_at_step=7", "fault.rank=1"])
         == 0
@@ -58,7 +61,7 @@ def test_killed_worker_resumes_from_the_last_checkpoint(root):
     client = MlflowClient(f"sqlite:///{root}/mlflow.db")
     _, logged = loss_steps(client, runs / "killed")
     assert logged == Counter(range(1, 13))
-    clean, killed = jsonl_losses(runs / "clean"), jsonl_losses(runs / "killed")
+    clean, killed = jsonl_losses(runs / f"stage1-{CORPUS}"), jsonl_losses(runs / "killed")
     # same step, optimizer state, RNG and next batches after the restart -> the same losses
     for step in range(1, 13):
         assert killed[step] == pytest.approx(clean[step], rel=1e-4, abs=1e-6), step

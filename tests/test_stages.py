@@ -89,7 +89,7 @@ def test_rerun_is_a_fast_noop_and_dry_run_writes_nothing(corpus, capsys):
     out_dir = root / "corpora" / CORPUS / "features" / "tiny"
     before = mtimes(out_dir)
     start = time.monotonic()
-    result = features.run(root=str(root), corpus=CORPUS, encoder="tiny")
+    result = features.run(features.FeaturesConfig(root=str(root), corpus=CORPUS, encoder="tiny"))
     assert time.monotonic() - start < 10
     assert result.plan.to_build == [] and len(result.plan.up_to_date) == 2
     assert mtimes(out_dir) == before
@@ -145,12 +145,18 @@ def test_new_raw_shards_build_only_those_downstream(corpus, tmp_path):
     }
     before = {s: mtimes(d) for s, d in dirs.items()}
     make_raw_corpus(catalog, CORPUS, num_shards=1, per_shard=4, start=2)
-    assert features.run(root=str(root), corpus=CORPUS, encoder="tiny").plan.to_build == ["00002"]
+    assert features.run(
+        features.FeaturesConfig(root=str(root), corpus=CORPUS, encoder="tiny")
+    ).plan.to_build == ["00002"]
     assert tokens.run(
-        root=str(root), corpus=CORPUS, features="tiny", tokenizer=str(tmp_path / "tok")
+        tokens.TokensConfig(
+            root=str(root), corpus=CORPUS, features="tiny", tokenizer=str(tmp_path / "tok")
+        )
     ).plan.to_build == ["00002"]
     assert qembeds.run(
-        root=str(root), corpus=CORPUS, features="tiny", stage1=str(tmp_path / "qf")
+        qembeds.QEmbedsConfig(
+            root=str(root), corpus=CORPUS, features="tiny", stage1=str(tmp_path / "qf")
+        )
     ).plan.to_build == ["00002"]
     for stage, d in dirs.items():
         now = mtimes(d)
@@ -182,10 +188,14 @@ def test_new_tokenizer_uses_cached_features_without_the_vision_encoder(
     save_tokenizer(tmp_path / "tok_a", seed=0)
     save_tokenizer(tmp_path / "tok_b", seed=1)
     a = tokens.run(
-        root=str(root), corpus=CORPUS, features="tiny", tokenizer=str(tmp_path / "tok_a")
+        tokens.TokensConfig(
+            root=str(root), corpus=CORPUS, features="tiny", tokenizer=str(tmp_path / "tok_a")
+        )
     )
     b = tokens.run(
-        root=str(root), corpus=CORPUS, features="tiny", tokenizer=str(tmp_path / "tok_b")
+        tokens.TokensConfig(
+            root=str(root), corpus=CORPUS, features="tiny", tokenizer=str(tmp_path / "tok_b")
+        )
     )
     assert a.ok and b.ok and a.output_dir != b.output_dir and a.rows_out == b.rows_out == 8
 
@@ -218,7 +228,7 @@ def test_changed_raw_shard_rebuilds_only_its_downstream(corpus):
         1,
         [(f"00001{i:04d}", jpeg((i * 40, 10, 200)), f"shade {i}") for i in range(4)],
     )
-    result = features.run(root=str(root), corpus=CORPUS, encoder="tiny")
+    result = features.run(features.FeaturesConfig(root=str(root), corpus=CORPUS, encoder="tiny"))
     assert result.plan.stale == ["00001"] and result.plan.up_to_date == ["00000"]
     after = mtimes(out_dir)
     assert after["00000.parquet"] == before["00000.parquet"]
@@ -241,7 +251,9 @@ def test_bad_images_are_counted_and_the_rest_kept(tmp_path, ray_session, mlflow_
                ("000000002", jpeg((0, 0, 200))[:200], "truncated"), ("000000003", bomb.getvalue(), "bomb"),
                ("000000004", jpeg((0, 200, 0)), "")]  # fmt: skip
     write_raw_shard(catalog, CORPUS, 0, samples)
-    result = features.run(root=str(tmp_path / "d"), corpus=CORPUS, encoder="tiny")
+    result = features.run(
+        features.FeaturesConfig(root=str(tmp_path / "d"), corpus=CORPUS, encoder="tiny")
+    )
     assert result.ok
     assert result.failures == {"decode_error": 2, "image_too_large": 1}
     keys = sorted(
@@ -277,7 +289,9 @@ def test_corrupt_features_parquet_fails_only_its_tokens_shard(corpus, tmp_path):
     )
     save_tokenizer(tmp_path / "tok")
     result = tokens.run(
-        root=str(root), corpus=CORPUS, features="tiny", tokenizer=str(tmp_path / "tok")
+        tokens.TokensConfig(
+            root=str(root), corpus=CORPUS, features="tiny", tokenizer=str(tmp_path / "tok")
+        )
     )
     assert list(result.failed_shards) == ["00000"] and result.rows_out == 4
     assert sorted(catalog.committed(result.output_dir)) == ["00001"]
