@@ -1,46 +1,38 @@
 """The ingest stage: a URL list -> img2dataset webdataset shards in `<root>/corpora/<corpus>/raw/`.
 
-    python -m pipelines.ingest --corpus cc3m --url-list Train_GCC-training.tsv --preset cc3m
+    seedpipe ingest --corpus cc3m --url-list Train_GCC-training.tsv --preset cc3m [key=value ...]
 
-Steps, in order (each printed):
+One typed config, `IngestConfig` (defaults < --config YAML < --flags < key=value, through
+`pipelines.config`); `run(config)` does, in order (each printed):
 1. **Normalize** the list (tsv, csv, parquet, jsonl; `.gz` too) into a clean table `url, caption,
-   uid` (`pipelines.urllists`: layouts, `--preset cc3m|cc12m`, the row uid, and what is counted
-   `malformed_row`, `empty_caption`, `caption_truncated`, `duplicate_row`). Rows already
-   downloaded into this corpus (same uid) are counted `already_ingested` and skipped, rows that
-   failed in an earlier run `failed_before` (left to `--retry-failed`).
-2. **Refuse** URLs whose host is, or resolves to, a loopback, private, link-local, reserved,
-   unspecified, multicast or otherwise non-global address (`blocked_address`), unless
+   uid` (`pipelines.urllists`: layouts, presets, the row uid, what is counted per row). Rows
+   already downloaded into this corpus (same uid) are counted `already_ingested` and skipped, rows
+   that failed in an earlier run `failed_before` (left to `retry_failed`).
+2. **Refuse** URLs whose host is, or resolves to, a non-global address (`blocked_address`), unless
    `allow_private_hosts`; cloud metadata endpoints even then (`pipelines.netguard`).
-3. **Plan**: rows to download, rows refused by cause, shards expected; `--dry-run` stops here and
+3. **Plan**: rows to download, rows refused by cause, shards expected; `dry_run` stops here and
    writes nothing.
-4. **Download** with img2dataset (webdataset + per-shard parquet and `_stats.json`, sha256 per
-   sample, center-crop resize to `image_size`) through `GuardedResizer` (`pipelines.imagecheck`:
-   decompression bombs, non-images, and the connection guard in every download worker) into
-   `raw/_staging/`, then move each verified shard into `raw/` and write its completion record
-   (`Catalog.commit`) last, then `raw/manifest.json` (`pipelines.rawcorpus`).
+4. **Download** with img2dataset (`pipelines.download`; every URL bounded in time and bytes,
+   images checked before decoding: `pipelines.fetch`, `pipelines.imagecheck`) into
+   `raw/_staging/`, then move each verified shard into `raw/` and commit it
+   (`pipelines.rawcommit`), then `raw/manifest.json` (`pipelines.rawcorpus`).
 5. **Report**: failures per cause (`pipelines.rawcorpus.failure_cause`), a summary table; an
-   MLflow run (`pipelines.lineage.stage_run`) with the URL list as input dataset and the raw
-   corpus as output dataset, by content digest.
+   MLflow run (`stage_run`) with the config, the URL list as input dataset and the raw corpus as
+   output dataset, by content digest.
 
-A shard whose tar or parquet is missing, unreadable or inconsistent is not committed: every one
-of its samples counts `shard_failed` and its files go to `raw/_failed/`. A shard with no successful
-sample is committed (its parquet keeps the per-sample errors) but also counts as failed: the exit
-status is 1 when any shard failed or nothing could be downloaded.
+The exit status is 1 when any shard failed or nothing could be downloaded, 2 for a bad config.
 
 Incremental runs: a URL list whose content digest is already in the manifest (ingested with the
 same `allow_private_hosts`) is a no-op; a new list extends the corpus with new shards (its rows
-that an earlier run downloaded or attempted are skipped); `--retry-failed` re-attempts the samples
+that an earlier run downloaded or attempted are skipped); `retry_failed` re-attempts the samples
 whose latest attempt failed for a transient reason (timeout, 5xx, 408/429, connection errors, lost
 shards) and that no shard has recovered since, into new shards; with nothing left to retry it is a
-no-op. Permanent failures (404, other 4xx, not an image, truncated, bomb) are not retried.
+no-op. Permanent failures (404, other 4xx, not an image, truncated, bomb, too large) are not
+retried.
 
 Design choices:
-- img2dataset's extend mode globs `*.json` in its output folder and cannot parse the catalog's
-  `NNNNN.done.json`, so the download runs in `raw/_staging/` with the first shard id set by ingest
-  (its `Reader` is wrapped for the call).
 - One ingest per corpus at a time (there is no lock). Call `run` from the main thread of a program
-  with an `if __name__ == "__main__":` guard: img2dataset spawns its workers and sets a SIGINT
-  handler (ingest restores the previous one and turns its exit(0) into KeyboardInterrupt).
+  with an `if __name__ == "__main__":` guard: img2dataset spawns its workers.
 - The root must be a local path (a shared filesystem mount on a cluster): the shard checks read
   the staging folder through the local filesystem.
 - The public names of the modules above that ingest is built from are importable from here too.
@@ -48,29 +40,20 @@ Design choices:
 
 from __future__ import annotations
 
-import argparse
-import contextlib
-import functools
-import importlib
-import json
 import math
 import re
-import signal
 import sys
-import time
 from collections import Counter
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
-from unittest import mock
 
-import pyarrow as pa
-import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from pipelines.catalog import Catalog, DoneRecord, sha256_text
+from pipelines.catalog import Catalog, sha256_text
+from pipelines.config import cli_main, parse_command
+from pipelines.download import RESIZE_MODE
 from pipelines.imagecheck import MAX_IMAGE_PIXELS, GuardedResizer, precheck_image, sniff_image
 from pipelines.netguard import (
     METADATA_HOSTS,
@@ -85,6 +68,7 @@ from pipelines.netguard import (
     host_refusals,
     literal_ip,
 )
+from pipelines.rawcommit import download_and_commit
 from pipelines.rawcorpus import (
     ENCODE_FORMAT,
     FAILED,
@@ -98,14 +82,9 @@ from pipelines.rawcorpus import (
     failure_cause,
     inspect_shard,
     is_retryable,
-    next_shard_id,
-    quarantine_shard,
     raw_shard_digest,
     read_manifest,
     sample_outcomes,
-    shard_name,
-    sweep_leftovers,
-    write_manifest,
 )
 from pipelines.urllists import (
     CAPTION_MAX_CHARS,
@@ -124,7 +103,7 @@ from pipelines.urllists import (
 
 __all__ = [
     # the stage
-    "RESIZE_MODE", "IngestResult", "refuse_blocked", "run", "build_parser", "main",
+    "RESIZE_MODE", "IngestConfig", "IngestResult", "refuse_blocked", "run", "main",
     # pipelines.urllists
     "CAPTION_MAX_CHARS", "CAPTION_NAMES", "FORMATS", "MAX_URL_CHARS", "PRESETS", "URL_NAMES",
     "UrlTable", "file_sha256", "list_format", "normalize_url", "read_url_list", "row_uid",
@@ -140,8 +119,6 @@ __all__ = [
 ]  # fmt: skip
 
 _literal_ip = literal_ip  # its name before the split, still used by tests/test_ingest.py
-
-RESIZE_MODE = "center_crop"
 
 
 @dataclass
@@ -181,19 +158,52 @@ class IngestResult:
         return dict(out)
 
 
-@dataclass(frozen=True, kw_only=True)
-class _Download:
-    """The img2dataset options of one run (`run`'s arguments of the same names)."""
+@dataclass(kw_only=True)
+class IngestConfig:
+    """What `seedpipe ingest` does: which list into which corpus, and how it downloads."""
 
-    samples_per_shard: int
-    allow_private_hosts: bool
-    image_size: int
-    processes: int
-    threads: int
-    timeout_s: float
-    retries: int
+    corpus: str = ""
+    """Corpus name (letters, digits, . _ -); the shards go to <root>/corpora/<corpus>/raw. Required."""
+    url_list: str | None = None
+    """tsv, csv, parquet or jsonl (.gz allowed); optional with retry_failed."""
+    preset: str | None = None
+    """Published layout of a header-less TSV: cc3m (caption, url) or cc12m (url, caption)."""
+    url_col: str | None = None
+    """URL column name (or 0-based index in a list without header)."""
+    caption_col: str | None = None
+    """Caption column name (or 0-based index in a list without header)."""
+    root: str = "./seed-data"
+    """Catalog root: a local path (a shared filesystem mount on a cluster)."""
+    samples_per_shard: int = 10000
+    """Rows per raw shard."""
+    allow_private_hosts: bool = False
+    """Allow loopback/private/link-local hosts (demo, tests); metadata endpoints stay refused."""
+    retry_failed: bool = False
+    """Re-attempt the transient failures (and lost shards) of earlier runs into new shards."""
+    dry_run: bool = False
+    """Print the plan, write nothing."""
+    image_size: int = 224
+    """Side of the centre-cropped images in the shards."""
+    processes: int = 1
+    """img2dataset download processes."""
+    threads: int = 8
+    """Download threads per process."""
+    timeout: float = 10.0
+    """Seconds one socket operation (connect, one read) may take."""
+    retries: int = 0
+    """img2dataset's per-sample retries."""
+    address: str | None = None
+    """Ray cluster address: accepted like every command's; ingest does not use Ray."""
 
     def __post_init__(self) -> None:
+        if not self.corpus:
+            raise ValueError("corpus is required: --corpus NAME")
+        if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", self.corpus):
+            raise ValueError(f"corpus {self.corpus!r}: use letters, digits, '.', '_' and '-'")
+        if self.url_list is None and not self.retry_failed:
+            raise ValueError("url_list is required (unless retry_failed)")
+        if self.preset is not None and self.preset not in PRESETS:
+            raise ValueError(f"preset must be one of {sorted(PRESETS)}, got {self.preset!r}")
         for name, low in (
             ("samples_per_shard", 1),
             ("image_size", 8),
@@ -203,8 +213,9 @@ class _Download:
         ):
             if (value := getattr(self, name)) < low:
                 raise ValueError(f"{name} must be >= {low}, got {value}")
-        if self.timeout_s <= 0:
-            raise ValueError(f"timeout_s must be > 0, got {self.timeout_s}")
+        for name in ("timeout",):
+            if (value := getattr(self, name)) <= 0:
+                raise ValueError(f"{name} must be > 0, got {value}")
 
 
 # ==== planning ==================================================================================
@@ -273,45 +284,26 @@ def _retry_table(
 
 
 # ==== the stage =================================================================================
-def run(
-    *,
-    root: str | Path,
-    corpus: str,
-    url_list: str | Path | None,
-    preset: str | None = None,
-    url_col: str | None = None,
-    caption_col: str | None = None,
-    samples_per_shard: int = 10000,
-    allow_private_hosts: bool = False,
-    retry_failed: bool = False,
-    dry_run: bool = False,
-    image_size: int = 224,
-    processes: int = 1,
-    threads: int = 8,
-    timeout_s: float = 10,
-    retries: int = 0,
-    resolver: Resolver | None = None,
-) -> IngestResult:
-    """Ingest a URL list (or retry earlier failures) into the corpus's raw shards."""
-    download = _Download(
-        samples_per_shard=samples_per_shard, allow_private_hosts=allow_private_hosts,
-        image_size=image_size, processes=processes, threads=threads, timeout_s=timeout_s,
-        retries=retries,
-    )  # fmt: skip
-    if url_list is None and not retry_failed:
-        raise ValueError("url_list is required (unless retry_failed)")
+def run(config: IngestConfig, *, resolver: Resolver | None = None) -> IngestResult:
+    """Ingest a URL list (or retry earlier failures) into the corpus's raw shards.
+
+    `resolver` (default `socket.getaddrinfo`) decides the planning-time address checks (tests pass
+    a fake); the download workers always resolve for themselves.
+    """
+    url_list = config.url_list
     if url_list is not None and not Path(url_list).is_file():
         raise ValueError(f"url_list {url_list} is not a file")
-    catalog = Catalog(root)
+    catalog = Catalog(config.root)
     if "://" in catalog.root_uri and not catalog.root_uri.startswith("file://"):
         raise ValueError(
             f"root {catalog.root_uri}: ingest writes through the local filesystem; on a cluster use "
             "a shared filesystem mount as root"
         )
+    corpus = config.corpus
     raw = catalog.raw_dir(corpus)
     manifest = read_manifest(catalog, raw)
     settings = {
-        "image_size": image_size,
+        "image_size": config.image_size,
         "resize_mode": RESIZE_MODE,
         "encode_format": ENCODE_FORMAT,
     }
@@ -320,20 +312,11 @@ def run(
             f"corpus {corpus} was ingested with {manifest['settings']}; this run asks for {settings}: "
             "use another corpus name (or the same image_size)"
         )
-    config = {
-        "root": str(root), "corpus": corpus, "url_list": str(url_list) if url_list else None,
-        "preset": preset, "url_col": url_col, "caption_col": caption_col,
-        "samples_per_shard": samples_per_shard, "allow_private_hosts": allow_private_hosts,
-        "retry_failed": retry_failed, "image_size": image_size, "resize_mode": RESIZE_MODE,
-        "encode_format": ENCODE_FORMAT, "processes": processes, "threads": threads,
-        "timeout_s": timeout_s, "retries": retries, "caption_max_chars": CAPTION_MAX_CHARS,
-        "max_image_pixels": MAX_IMAGE_PIXELS,
-    }  # fmt: skip
     result = IngestResult(corpus=corpus, raw_dir=raw, status="", message="")
     list_digest = file_sha256(url_list) if url_list is not None else None
 
     # ---- what to download -------------------------------------------------------------------
-    if retry_failed:
+    if config.retry_failed:
         table, kind, origins = _retry_table(catalog, raw, manifest, list_digest, url_list)
         if table is None:
             return _finish_noop(result, f"{corpus}: nothing left to retry")
@@ -342,34 +325,33 @@ def run(
         assert url_list is not None and list_digest is not None
         kind, origins, source_digest = "list", [], list_digest
         known = manifest["sources"].get(list_digest)
-        if known and known.get("allow_private_hosts") == allow_private_hosts:
+        if known and known.get("allow_private_hosts") == config.allow_private_hosts:
             shards = known.get("shards", [])
             span = f"shards {shards[0]}-{shards[-1]}" if shards else "no shards"
+            hint = " (--retry-failed re-attempts transient failures)" if known.get("failed") else ""
             return _finish_noop(
                 result,
                 f"{url_list}: already ingested (sha256 {list_digest[:12]}, {span}); nothing to do"
-                + (
-                    " (--retry-failed re-attempts transient failures)"
-                    if known.get("failed")
-                    else ""
-                ),
+                + hint,
                 source_digest=list_digest,
             )
-        table = read_url_list(url_list, preset=preset, url_col=url_col, caption_col=caption_col)
+        table = read_url_list(
+            url_list, preset=config.preset, url_col=config.url_col, caption_col=config.caption_col
+        )
     result.source_digest = source_digest
     result.rows_in = table.rows_in
 
-    table = _skip_earlier_rows(catalog, raw, table, retry_failed=retry_failed)
+    table = _skip_earlier_rows(catalog, raw, table, retry_failed=config.retry_failed)
     table, reasons = refuse_blocked(
-        table, allow_private_hosts=allow_private_hosts, resolver=resolver, threads=16
+        table, allow_private_hosts=config.allow_private_hosts, resolver=resolver, threads=16
     )
     result.planning = {k: n for k, n in sorted(table.counts.items()) if n}
     result.blocked_reasons = dict(reasons.most_common())
     result.rows_to_download = len(table)
-    num_shards = math.ceil(len(table) / samples_per_shard)
-    _print_plan(result, url_list, kind, num_shards, samples_per_shard)
+    num_shards = math.ceil(len(table) / config.samples_per_shard)
+    _print_plan(result, url_list, kind, num_shards, config.samples_per_shard)
 
-    if dry_run:
+    if config.dry_run:
         result.status, result.message = "dry-run", "dry run: nothing written"
         print(result.message)
         return result
@@ -390,7 +372,7 @@ def run(
 
     from pipelines.lineage import stage_run
 
-    with stage_run(catalog, stage="ingest", corpus=corpus, config=config) as mlrun:
+    with stage_run(catalog, stage="ingest", corpus=corpus, config=asdict(config)) as mlrun:
         result.run_id = mlrun.run_id
         if url_list is not None:
             mlrun.log_dataset(
@@ -404,9 +386,9 @@ def run(
             mlrun.log_dataset(
                 name=f"{corpus}/retry", digest=source_digest, uri=catalog.uri(raw), context="input"
             )
-        _download_and_commit(
+        download_and_commit(
             catalog, raw, table, result, manifest,
-            kind=kind, origins=origins, url_list=url_list, settings=settings, download=download,
+            kind=kind, origins=origins, settings=settings, config=config,
         )  # fmt: skip
         out_digest = catalog_digest(catalog, raw)
         mlrun.log_dataset(
@@ -443,207 +425,6 @@ def _finish_noop(result: IngestResult, message: str, source_digest: str = "") ->
     return result
 
 
-# ==== download and commit =======================================================================
-def _download_and_commit(
-    catalog: Catalog,
-    raw: str,
-    table: UrlTable,
-    result: IngestResult,
-    manifest: dict[str, Any],
-    *,
-    kind: str,
-    origins: list[str],
-    url_list: Any,
-    settings: dict[str, Any],
-    download: _Download,
-) -> None:
-    catalog.fs.create_dir(raw, recursive=True)
-    sweep_leftovers(catalog, raw)
-    first_id = next_shard_id(catalog, raw)
-    staging = f"{raw}/{STAGING}"
-    out_dir = f"{staging}/out"
-    catalog.fs.create_dir(out_dir, recursive=True)
-    if kind == "list":  # every row ever submitted from this list, for --retry-failed
-        _record_submitted(catalog, f"{raw}/{SOURCES}/{result.source_digest[:16]}.parquet", table)
-    input_path = f"{staging}/input.parquet"
-    catalog.write_atomic(
-        input_path, _parquet_bytes(table.to_arrow().select(["url", "caption", "uid"]))
-    )
-    result.wall_s = _run_img2dataset(input_path, out_dir, first_id=first_id, download=download)
-
-    source = {
-        "kind": kind, "uri": str(url_list) if url_list else catalog.uri(raw), "rows": result.rows_in,
-        "submitted": len(table), "allow_private_hosts": download.allow_private_hosts,
-        "origins": origins, "planning": result.planning, "shards": [], "failed_shards": {},
-        "ingested_at": datetime.now(UTC).isoformat(timespec="seconds"),
-    }  # fmt: skip
-    failures, spans = _commit_shards(
-        catalog, raw, out_dir, table, result, first_id, download.samples_per_shard
-    )
-    catalog.fs.delete_dir(staging)
-
-    result.failures = dict(sorted(failures.items()))
-    # Download throughput over the shards' own start/end times (img2dataset's stats), which leaves
-    # out the start-up of its worker processes; wall_s includes it.
-    busy = max((e for _, e in spans), default=0.0) - min((s for s, _ in spans), default=0.0)
-    result.images_per_s = result.successes / busy if busy > 0 else 0.0
-    source["shards"] = list(result.new_shards)
-    source["failed_shards"] = result.failed_shards
-    source["failed"] = sum(failures.values())
-    if earlier := manifest["sources"].get(result.source_digest):  # the same list, run again
-        source["shards"] = earlier["shards"] + source["shards"]
-        source["failed_shards"] = earlier["failed_shards"] | source["failed_shards"]
-        source["failed"] += earlier["failed"]
-        source["submitted"] += earlier["submitted"]
-    manifest["sources"][result.source_digest] = source
-    manifest["settings"] = settings
-    manifest["corpus"] = result.corpus
-    write_manifest(catalog, raw, manifest)
-    if result.failed_shards or result.successes == 0:
-        result.exit_code = 1
-    result.status = "ingested"
-    result.message = f"{len(result.new_shards)} new shards, {result.successes} images" + (
-        f"; {len(result.failed_shards)} shards failed: {', '.join(result.failed_shards)}"
-        if result.failed_shards
-        else ""
-    )
-
-
-def _record_submitted(catalog: Catalog, path: str, table: UrlTable) -> None:
-    """Add the rows of `table` to the list's `_sources` parquet (rows already there stay once)."""
-    submitted = table.to_arrow()
-    if catalog.exists(path):  # the same list again (e.g. allow_private_hosts changed)
-        before = pq.read_table(path)
-        fresh = pc.invert(pc.is_in(submitted["uid"], value_set=before["uid"].combine_chunks()))
-        submitted = pa.concat_tables([before, submitted.filter(fresh)])
-    catalog.write_atomic(path, _parquet_bytes(submitted))
-
-
-def _run_img2dataset(input_path: str, out_dir: str, *, first_id: int, download: _Download) -> float:
-    """Download the rows of `input_path` into shards `first_id`, ... of `out_dir`; returns the
-    wall seconds of the img2dataset call."""
-    i2d = importlib.import_module("img2dataset.main")  # the package re-exports a function `main`
-
-    def reader_from_first_id(*args: Any, **kwargs: Any) -> Any:
-        reader = real_reader(*args, **kwargs)
-        reader.start_shard_id = first_id  # shard ids continue the corpus (see module docstring)
-        return reader
-
-    real_reader = i2d.Reader
-    resizer = functools.partial(GuardedResizer, allow_private_hosts=download.allow_private_hosts)
-    start = time.perf_counter()
-    previous_sigint = signal.getsignal(signal.SIGINT)
-    with contextlib.ExitStack() as stack:
-        stack.enter_context(mock.patch.object(i2d, "Reader", reader_from_first_id))
-        stack.enter_context(mock.patch.object(i2d, "Resizer", resizer))
-        # download() installs a SIGINT handler that exits with status 0 and never removes it.
-        stack.callback(signal.signal, signal.SIGINT, previous_sigint)
-        stack.enter_context(_interrupt_is_not_success())
-        i2d.download(
-            url_list=input_path,
-            input_format="parquet",
-            url_col="url",
-            caption_col="caption",
-            save_additional_columns=["uid"],
-            output_folder=out_dir,
-            output_format="webdataset",
-            image_size=download.image_size,
-            resize_mode=RESIZE_MODE,
-            encode_format=ENCODE_FORMAT,
-            processes_count=download.processes,
-            thread_count=download.threads,
-            timeout=download.timeout_s,
-            retries=download.retries,
-            number_sample_per_shard=download.samples_per_shard,
-            extract_exif=False,
-            compute_hash="sha256",
-            enable_wandb=False,
-            distributor="multiprocessing",
-            incremental_mode="extend",
-            max_shard_retry=1,
-        )
-    return time.perf_counter() - start
-
-
-@contextlib.contextmanager
-def _interrupt_is_not_success() -> Iterator[None]:
-    try:
-        yield
-    except SystemExit as exit_:  # img2dataset's Ctrl-C handler: sys.exit(0)
-        raise KeyboardInterrupt("ingest interrupted during download") from exit_
-
-
-def _commit_shards(
-    catalog: Catalog,
-    raw: str,
-    out_dir: str,
-    table: UrlTable,
-    result: IngestResult,
-    first_id: int,
-    samples_per_shard: int,
-) -> tuple[Counter[str], list[tuple[float, float]]]:
-    """Check each downloaded shard, move it into `raw/` and commit it, or quarantine it.
-
-    Records new and failed shards and successes in `result`; returns the failures by cause and
-    each shard's (start, end) download time.
-    """
-    notes = dict(zip(table.uid, table.note, strict=True))
-    failures: Counter[str] = Counter()
-    spans: list[tuple[float, float]] = []
-    for i in range(math.ceil(len(table) / samples_per_shard)):
-        sid = shard_name(first_id + i)
-        expected = table.uid[i * samples_per_shard : (i + 1) * samples_per_shard]
-        try:
-            stats_path = Path(out_dir, f"{sid}_stats.json")
-            if not stats_path.exists():
-                raise ShardError(
-                    f"shard {sid}: img2dataset did not finish it (no {stats_path.name})"
-                )
-            stats = json.loads(stats_path.read_text())
-            spans.append((stats["start_time"], stats["end_time"]))
-            info = inspect_shard(out_dir, sid)
-            if sorted(info.uids) != sorted(expected):
-                raise ShardError(
-                    f"shard {sid}: its rows are not the {len(expected)} rows sent to it"
-                )
-        except ShardError as err:
-            result.failed_shards[sid] = str(err)
-            failures["shard_failed"] += len(expected)
-            quarantine_shard(catalog, out_dir, raw, sid)
-            continue
-        for suffix in (".tar", ".parquet", "_stats.json"):
-            catalog.fs.move(f"{out_dir}/{sid}{suffix}", f"{raw}/{sid}{suffix}")
-        caption_notes = Counter(notes[u] for u in info.uids if notes.get(u))
-        record = DoneRecord(
-            shard=sid,
-            stage="raw",
-            digest=info.digest,
-            files=[f"{sid}.tar", f"{sid}.parquet"],
-            rows=info.successes,
-            failures=info.failures,
-            extra={
-                "samples": info.samples,
-                "source": result.source_digest,
-                "caption_notes": dict(caption_notes),
-            },
-        )
-        catalog.commit(raw, record)
-        result.new_shards.append(sid)
-        result.successes += info.successes
-        failures.update(info.failures)
-        if info.successes == 0:
-            result.failed_shards[sid] = (
-                f"shard {sid}: none of its {info.samples} samples downloaded"
-            )
-    return failures, spans
-
-
-def _parquet_bytes(table: pa.Table) -> bytes:
-    sink = pa.BufferOutputStream()
-    pq.write_table(table, sink)
-    return sink.getvalue().to_pybytes()
-
-
 # ==== report and command line ===================================================================
 def _print_plan(result: IngestResult, url_list: Any, kind: str, num_shards: int, sps: int) -> None:
     what = f"retry of earlier failures in {result.corpus}" if kind == "retry" else str(url_list)
@@ -675,58 +456,16 @@ def _print_summary(result: IngestResult) -> None:
     print(result.message)
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="python -m pipelines.ingest",
-        description="Download a URL list into a corpus's raw shards with img2dataset (see module docstring).",
-    )
-    p.add_argument("--corpus", required=True, help="corpus name (letters, digits, . _ -)")
-    p.add_argument(
-        "--url-list", help="tsv, csv, parquet or jsonl (.gz allowed); optional with --retry-failed"
-    )
-    p.add_argument("--preset", choices=sorted(PRESETS), help="published layout: cc3m or cc12m TSV")
-    p.add_argument("--url-col", help="URL column name (or 0-based index without header)")
-    p.add_argument("--caption-col", help="caption column name (or 0-based index without header)")
-    p.add_argument("--samples-per-shard", type=int, default=10000)
-    p.add_argument("--allow-private-hosts", action="store_true",
-                   help="allow loopback/private/link-local hosts (demo, tests); metadata hosts stay refused")  # fmt: skip
-    p.add_argument(
-        "--retry-failed", action="store_true", help="re-attempt transient failures into new shards"
-    )
-    p.add_argument("--dry-run", action="store_true", help="print the plan, write nothing")
-    p.add_argument("--root", default="./seed-data", help="catalog root (default ./seed-data)")
-    p.add_argument("--image-size", type=int, default=224)
-    p.add_argument("--processes", type=int, default=1)
-    p.add_argument("--threads", type=int, default=8)
-    p.add_argument("--timeout", type=float, default=10, help="per-request timeout in seconds")
-    p.add_argument("--retries", type=int, default=0, help="img2dataset's per-sample retries")
-    return p
-
-
+@cli_main
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    try:
-        result = run(
-            root=args.root,
-            corpus=args.corpus,
-            url_list=args.url_list,
-            preset=args.preset,
-            url_col=args.url_col,
-            caption_col=args.caption_col,
-            samples_per_shard=args.samples_per_shard,
-            allow_private_hosts=args.allow_private_hosts,
-            retry_failed=args.retry_failed,
-            dry_run=args.dry_run,
-            image_size=args.image_size,
-            processes=args.processes,
-            threads=args.threads,
-            timeout_s=args.timeout,
-            retries=args.retries,
-        )
-    except ValueError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    return result.exit_code
+    config = parse_command(
+        IngestConfig,
+        argv,
+        prog="seedpipe ingest",
+        description="Download a URL list into a corpus's raw shards with img2dataset "
+        "(python -m pipelines.ingest; see the module docstring).",
+    )
+    return run(config).exit_code
 
 
 if __name__ == "__main__":

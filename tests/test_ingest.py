@@ -19,11 +19,17 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from pipelines import ingest
+from pipelines import ingest, rawcommit
 from pipelines.catalog import Catalog, dataset_digest
 from pipelines.synthetic import ImageServer, make_images, write_url_list
 
-FAST = {"image_size": 32, "threads": 4, "timeout_s": 2, "processes": 1}
+FAST = {"image_size": 32, "threads": 4, "timeout": 2, "processes": 1}
+
+
+def _config(root, corpus, url_list, **kwargs) -> ingest.IngestConfig:
+    """An IngestConfig with the fast test settings (FAST) under `kwargs`."""
+    url_list = None if url_list is None else str(url_list)
+    return ingest.IngestConfig(root=str(root), corpus=corpus, url_list=url_list, **FAST | kwargs)
 
 
 def runs_img2dataset(test):
@@ -58,9 +64,10 @@ def test_happy_path_three_shards_records_manifest_mlflow(tmp_path):
         rows = [{"url": srv.image_url(name), "caption": cap} for name, _, cap in images]
         url_list = write_url_list(tmp_path / "list.parquet", rows, "parquet")
         result = ingest.run(
-            root=tmp_path / "root", corpus="synth", url_list=url_list, samples_per_shard=5,
-            allow_private_hosts=True, **FAST,
-        )  # fmt: skip
+            _config(
+                tmp_path / "root", "synth", url_list, samples_per_shard=5, allow_private_hosts=True
+            )
+        )
     assert result.exit_code == 0 and result.status == "ingested"
     assert result.new_shards == ["00000", "00001", "00002"]
     assert result.successes == 12 and result.failures == {}
@@ -133,9 +140,10 @@ def test_bad_inputs_counted_per_cause_valid_images_kept(tmp_path):
         url_list = tmp_path / "list.tsv"
         url_list.write_text("\n".join(lines) + "\n")
         result = ingest.run(
-            root=tmp_path / "root", corpus="bad", url_list=url_list, samples_per_shard=5,
-            allow_private_hosts=True, **FAST,
-        )  # fmt: skip
+            _config(
+                tmp_path / "root", "bad", url_list, samples_per_shard=5, allow_private_hosts=True
+            )
+        )
         assert srv.requests["/img/00004.jpg"] == 1  # the redirect was followed
     assert result.planning == {
         "malformed_row": 5, "duplicate_row": 1, "empty_caption": 1, "caption_truncated": 1,
@@ -178,7 +186,7 @@ def test_private_hosts_refused_and_server_sees_no_request(tmp_path):
     with ImageServer(images) as srv:
         rows = [(srv.image_url(n), c) for n, _, c in images]
         url_list = write_url_list(tmp_path / "list.csv", rows, "csv")
-        result = ingest.run(root=tmp_path / "root", corpus="c", url_list=url_list, **FAST)
+        result = ingest.run(_config(tmp_path / "root", "c", url_list))
         assert srv.total_requests == 0
     assert result.planning == {"blocked_address": 3}
     assert result.exit_code == 1 and result.status == "nothing-downloadable"
@@ -285,9 +293,9 @@ def test_dns_rebinding_is_blocked_inside_download_workers(tmp_path):
         rows = [(f"http://localhost:{srv.port}/img/{n}", c) for n, _, c in images]
         url_list = write_url_list(tmp_path / "list.jsonl", rows, "jsonl")
         result = ingest.run(
-            root=tmp_path / "root", corpus="rebind", url_list=url_list,
-            resolver=FakeResolver({"localhost": ["93.184.216.34"]}), **FAST,
-        )  # fmt: skip
+            _config(tmp_path / "root", "rebind", url_list),
+            resolver=FakeResolver({"localhost": ["93.184.216.34"]}),
+        )
         assert srv.total_requests == 0
     assert result.failures == {"blocked_address": 2}
     assert result.exit_code == 1 and list(result.failed_shards) == ["00000"]
@@ -374,28 +382,28 @@ def test_incremental_noop_extend_retry_and_dry_run(tmp_path, capsys):
             + [(srv.url(f"/flaky/{images[4][0]}"), f"flaky {images[4][0]}")],  # failed in list a
             "csv",
         )
-        kw = dict(root=root, corpus="inc", samples_per_shard=3, allow_private_hosts=True, **FAST)
-        first = ingest.run(url_list=list_a, **kw)
+        kw = dict(samples_per_shard=3, allow_private_hosts=True)
+        first = ingest.run(_config(root, "inc", list_a, **kw))
         assert first.new_shards == ["00000", "00001"] and first.failures == {"http_5xx": 2}
 
         before = _files(root)
-        again = ingest.run(url_list=list_a, **kw)
+        again = ingest.run(_config(root, "inc", list_a, **kw))
         assert again.status == "no-op" and "already ingested" in again.message
         assert _files(root) == before
 
         capsys.readouterr()
-        dry = ingest.run(url_list=list_b, dry_run=True, **kw)
+        dry = ingest.run(_config(root, "inc", list_b, dry_run=True, **kw))
         assert dry.status == "dry-run" and dry.rows_to_download == 2
         assert dry.planning == {"already_ingested": 1, "failed_before": 1}
         assert "to download          2 in 1 shards" in capsys.readouterr().out
         assert _files(root) == before
 
-        second = ingest.run(url_list=list_b, **kw)
+        second = ingest.run(_config(root, "inc", list_b, **kw))
         assert second.new_shards == ["00002"] and second.successes == 2
         assert srv.requests[f"/flaky/{images[4][0]}"] == 1  # left to --retry-failed
 
         requests_before = dict(srv.requests)
-        retry = ingest.run(url_list=None, retry_failed=True, **kw)
+        retry = ingest.run(_config(root, "inc", None, retry_failed=True, **kw))
         assert (
             retry.new_shards == ["00003"] and retry.successes == 2 and retry.rows_to_download == 2
         )
@@ -406,7 +414,7 @@ def test_incremental_noop_extend_retry_and_dry_run(tmp_path, capsys):
         }
         assert delta == {f"/flaky/{n}": 1 for n, _, _ in images[4:6]}  # only the failed samples
 
-        done = ingest.run(url_list=None, retry_failed=True, **kw)
+        done = ingest.run(_config(root, "inc", None, retry_failed=True, **kw))
         assert done.status == "no-op" and "nothing left to retry" in done.message
 
     catalog = Catalog(root)
@@ -422,7 +430,7 @@ def test_whole_shard_failure_exit_code_and_retry(tmp_path, monkeypatch, capsys):
     """A shard with no image and a shard whose tar is unreadable make main() exit non-zero naming
     both; the unreadable shard is not committed and --retry-failed recovers it (the 404s stay)."""
     images = make_images(4, seed=7)
-    real_inspect = ingest.inspect_shard
+    real_inspect = rawcommit.inspect_shard
 
     def corrupt_shard_2(directory, shard):
         if shard == "00002":
@@ -436,7 +444,7 @@ def test_whole_shard_failure_exit_code_and_retry(tmp_path, monkeypatch, capsys):
         url_list = write_url_list(tmp_path / "list.tsv", rows, "tsv", header=False)
         args = ["--corpus", "sf", "--root", str(tmp_path / "root"), "--samples-per-shard", "2",
                 "--allow-private-hosts", "--image-size", "32", "--threads", "4", "--timeout", "2"]  # fmt: skip
-        monkeypatch.setattr(ingest, "inspect_shard", corrupt_shard_2)
+        monkeypatch.setattr(rawcommit, "inspect_shard", corrupt_shard_2)
         assert ingest.main([*args, "--url-list", str(url_list)]) == 1
         out = capsys.readouterr().out
         assert "FAILED shard 00001" in out and "FAILED shard 00002" in out and "unreadable" in out
@@ -449,7 +457,7 @@ def test_whole_shard_failure_exit_code_and_retry(tmp_path, monkeypatch, capsys):
         }
         assert Path(raw, "_failed", "00002.tar").exists() and not Path(raw, "00002.tar").exists()
 
-        monkeypatch.setattr(ingest, "inspect_shard", real_inspect)
+        monkeypatch.setattr(rawcommit, "inspect_shard", real_inspect)
         assert ingest.main([*args, "--retry-failed"]) == 0
         assert srv.requests["/404"] == 2  # permanent failures are not retried
     records = Catalog(tmp_path / "root").committed(raw)
@@ -499,3 +507,30 @@ def test_precheck_refuses_bombs_before_decoding():
     assert "decompression bomb" in ingest.precheck_image(bomb_png(20_000))
     assert ingest.precheck_image(b"hello").startswith("not an image")
     assert ingest.precheck_image(make_images(1)[0][1]) is None
+
+
+def test_ingest_config_grammar(tmp_path, capsys):
+    """IngestConfig loads defaults < --config YAML < flags < key=value, keeps the README's flags,
+    and a bad value is one line naming the field with exit status 2."""
+    yaml = tmp_path / "ingest.yaml"
+    yaml.write_text("corpus: from-yaml\nthreads: 3\ntimeout: 4.5\n")
+    config = ingest.parse_command(
+        ingest.IngestConfig,
+        ["--config", str(yaml), "--corpus", "c1", "--url-list", "l.tsv", "--allow-private-hosts",
+         "--samples-per-shard", "7", "--retry-failed", "--dry-run", "--root", "r", "threads=5"],
+        prog="t", description="t",
+    )  # fmt: skip
+    assert (config.corpus, config.url_list, config.threads, config.timeout) == (
+        "c1",
+        "l.tsv",
+        5,
+        4.5,
+    )
+    assert config.allow_private_hosts and config.retry_failed and config.dry_run
+    assert (config.samples_per_shard, config.root) == (7, "r")
+    assert ingest.main(["--corpus", "c", "--url-list", "l.tsv", "--threads", "0"]) == 2
+    assert capsys.readouterr().err.strip() == "error: threads must be >= 1, got 0"
+    assert ingest.main(["--url-list", "l.tsv"]) == 2
+    assert "corpus is required" in capsys.readouterr().err
+    with pytest.raises(ValueError, match="url_list is required"):
+        ingest.IngestConfig(corpus="c")
