@@ -1,7 +1,8 @@
 """DeepSpeed on CPU: ops built once by ``ensure_ops``, a 2-rank gloo init that compiles nothing.
 
 Run as a script (``python tests/test_deepspeed_init.py OUT CKPT``) it is one rank of the 2-rank
-job; the test below starts two of them with the env vars torch.distributed expects.
+job; the test below starts two of them with the env vars torch.distributed expects. How long the
+build and the init take is measured by ``benchmarks/bench_deepspeed_init.py``, not asserted here.
 """
 
 from __future__ import annotations
@@ -24,7 +25,6 @@ if str(ROOT) not in sys.path:
 from jobs.deepspeed_ops import configure_environment, ensure_ops  # noqa: E402
 
 WORLD_SIZE = 2
-INIT_BOUND_S = 60.0  # generous: warm init is seconds on 2 cores, a compile is 30-80 s
 RANK_TIMEOUT_S = 240.0
 
 
@@ -38,12 +38,34 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
+def _record_builds() -> list[str]:
+    """Names of the JIT extensions torch builds in this process from now on, as they start.
+
+    ``_write_ninja_file_and_build_library`` is the step of ``cpp_extension.load`` that writes
+    build.ninja and runs ninja; a load served from DeepSpeed's in-process cache never reaches it.
+    """
+    import torch.utils.cpp_extension as cpp_extension
+
+    builds: list[str] = []
+    build = cpp_extension._write_ninja_file_and_build_library
+
+    def recording(*args: object, **kwargs: object) -> None:
+        builds.append(str(kwargs.get("name", args[0] if args else "?")))
+        build(*args, **kwargs)
+
+    cpp_extension._write_ninja_file_and_build_library = recording
+    return builds
+
+
 def _rank_main(out_path: Path, ckpt_dir: Path) -> None:
     """One rank: ensure_ops, ZeRO-2 fp32 init with a torch optimizer, one step, save."""
-    import deepspeed  # first, so ensure_s is the ops' cost alone, not DeepSpeed's import
+    import deepspeed
     import torch
 
-    ensure_s = ensure_ops(timeout_s=120)
+    builds = _record_builds()
+    ensure_ops(timeout_s=120)
+    ensure_builds = list(builds)
+    builds.clear()
 
     torch.manual_seed(0)  # same initial weights on both ranks
     model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.ReLU(), torch.nn.Linear(16, 1))
@@ -57,9 +79,8 @@ def _rank_main(out_path: Path, ckpt_dir: Path) -> None:
         "fp16": {"enabled": False},
         "steps_per_print": 1_000_000,
     }
-    start = time.perf_counter()
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=config)
-    init_s = time.perf_counter() - start
+    init_builds = list(builds)
 
     rank = int(os.environ["RANK"])
     generator = torch.Generator().manual_seed(rank)
@@ -78,8 +99,8 @@ def _rank_main(out_path: Path, ckpt_dir: Path) -> None:
         json.dumps(
             {
                 "rank": rank,
-                "ensure_s": ensure_s,
-                "init_s": init_s,
+                "ensure_builds": ensure_builds,
+                "init_builds": init_builds,
                 "loss": loss.item(),
                 "changed": changed,
                 "global_steps": engine.global_steps,
@@ -108,17 +129,17 @@ def test_ensure_ops_removes_stale_baton():
     baton = directory / "deepspeed_shm_comm" / "lock"
     baton.parent.mkdir(parents=True, exist_ok=True)
     baton.touch()  # what torch's FileBaton leaves when its process dies mid-build
-    # timeout_s bounds the flock wait; a hang on the baton is caught by pytest-timeout.
-    seconds = ensure_ops(timeout_s=120)
+    # timeout_s bounds the flock wait (TimeoutError past it); a hang on the baton is caught by
+    # pytest-timeout.
+    ensure_ops(timeout_s=120)
     assert not baton.exists()
     assert _op_library(directory).exists()
-    assert seconds < 120
 
 
 @pytest.mark.slow
 @pytest.mark.timeout(300)
-def test_two_rank_zero2_init_compiles_nothing(tmp_path, capsys):
-    """After ensure_ops, a 2-rank gloo ZeRO-2 init is fast, trains, saves, and rebuilds no op."""
+def test_two_rank_zero2_init_compiles_nothing(tmp_path):
+    """After ensure_ops, a 2-rank gloo ZeRO-2 init starts no JIT build, trains, saves, and leaves the op library untouched."""
     directory = Path(configure_environment()["TORCH_EXTENSIONS_DIR"])
     ensure_ops(timeout_s=120)
     library = _op_library(directory)
@@ -165,17 +186,14 @@ def test_two_rank_zero2_init_compiles_nothing(tmp_path, capsys):
         _kill(procs)
 
     results = [json.loads(out.read_text()) for out in outs]
-    with capsys.disabled():
-        for result in results:
-            print(
-                f"\nrank {result['rank']}: ensure_ops {result['ensure_s']:.2f} s, "
-                f"deepspeed.initialize {result['init_s']:.2f} s, loss {result['loss']:.4f}"
-            )
     assert [r["rank"] for r in results] == list(range(WORLD_SIZE))
     for result in results:
         assert result["changed"], f"rank {result['rank']}: the step left the weights unchanged"
         assert result["global_steps"] == 1
-        assert result["init_s"] < INIT_BOUND_S, f"init took {result['init_s']:.1f} s: compiled?"
+        # ensure_ops's own load runs torch's (up-to-date, no-op) ninja step in every fresh
+        # process: seeing it shows the recorder works; the init must not reach that step at all.
+        assert "deepspeed_shm_comm" in result["ensure_builds"], result
+        assert result["init_builds"] == [], f"deepspeed.initialize built {result['init_builds']}"
     assert (ckpt_dir / "step1").is_dir()
     assert library.stat().st_mtime_ns == mtime_before, "deepspeed.initialize rebuilt the op"
     assert not (library.parent / "lock").exists()
