@@ -9,7 +9,7 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
-from jobs.train_tokenizer import CodeUsage
+from jobs.code_usage import CodeUsage
 
 NUM_CODES = 16
 LR = 1e-3
