@@ -7,9 +7,12 @@ Usage::
 1. Cold: ``ensure_ops()`` in a fresh process with a fresh temporary ``TORCH_EXTENSIONS_DIR``, i.e.
    the JIT compile every job paid before the op was built at ``make setup``.
 2. Warm: two gloo ranks on the venv cache; each calls ``ensure_ops()`` then times
-   ``deepspeed.initialize`` (tiny model, torch AdamW, ZeRO ``--stage``, fp32).
+   ``deepspeed.initialize`` (tiny model, torch AdamW, the DeepSpeed config a job gets from
+   ``jobs.trainer.deepspeed_config``: ZeRO ``--stage``, fp32 on CPU) and one step.
 
-Prints both and the ratio cold build / warm init (mean over ranks). Takes about a minute on 2 cores.
+Prints both, the JIT builds each init started (0 when the op came from ``ensure_ops``, which is
+what ``tests/test_deepspeed_init.py`` asserts instead of a time bound) and the ratio cold build /
+warm init (mean over ranks). Takes about a minute on 2 cores.
 """
 
 from __future__ import annotations
@@ -39,7 +42,11 @@ def _build_worker() -> dict:
 
 def _rank_worker(stage: int) -> dict:
     sys.path.insert(0, str(ROOT))
+    from jobs.config import DeepSpeedSettings, OptimSettings
     from jobs.deepspeed_ops import ensure_ops
+    from jobs.stage2 import Stage2JobConfig
+    from jobs.trainer import deepspeed_config, param_groups
+    from tests.test_deepspeed_init import _record_builds
 
     start = time.perf_counter()
     import deepspeed
@@ -47,21 +54,28 @@ def _rank_worker(stage: int) -> dict:
 
     import_s = time.perf_counter() - start
     ensure_s = ensure_ops()  # after the import, so this is the ops' own cost
+    builds = _record_builds()
 
+    job = Stage2JobConfig(corpus="bench", deepspeed=DeepSpeedSettings(zero_stage=stage, precision="auto"),
+                          optim=OptimSettings(batch_size_per_worker=4))  # fmt: skip
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.ReLU(), torch.nn.Linear(16, 1))
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
-    config = {
-        "train_micro_batch_size_per_gpu": 4,
-        "zero_optimization": {"stage": stage},
-        "steps_per_print": 1_000_000,
-    }
+    optimizer = torch.optim.AdamW(param_groups(model, job.optim.weight_decay), lr=1e-2)
     start = time.perf_counter()
-    deepspeed.initialize(model=model, optimizer=optimizer, config=config)
+    engine, _, _, _ = deepspeed.initialize(
+        model=model, optimizer=optimizer, config=deepspeed_config(job)
+    )
     init_s = time.perf_counter() - start
+    init_builds = list(builds)
+    start = time.perf_counter()
+    loss = torch.nn.functional.mse_loss(engine(torch.randn(4, 8)), torch.randn(4, 1))
+    engine.backward(loss)
+    engine.step()
+    step_s = time.perf_counter() - start
     torch.distributed.barrier()
     rank = int(os.environ["RANK"])
-    return {"rank": rank, "import_s": import_s, "ensure_s": ensure_s, "init_s": init_s}
+    return {"rank": rank, "import_s": import_s, "ensure_s": ensure_s, "init_s": init_s, "step_s": step_s,
+            "init_builds": init_builds}  # fmt: skip
 
 
 def _run(
@@ -142,7 +156,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     for r in sorted(ranks, key=lambda r: r["rank"]):
         print(
             f"warm deepspeed.initialize rank {r['rank']}          {r['init_s']:8.2f} s"
-            f"   (before it: import deepspeed {r['import_s']:.2f} s, ensure_ops {r['ensure_s']:.2f} s)"
+            f"   (before it: import deepspeed {r['import_s']:.2f} s, ensure_ops {r['ensure_s']:.2f} s;"
+            f" first step {r['step_s']:.2f} s; JIT builds during init: {r['init_builds'] or 'none'})"
         )
     print(f"ratio cold build / warm init (mean)       {cold['build_s'] / warm_mean:8.1f} x")
 
