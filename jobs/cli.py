@@ -90,7 +90,7 @@ def ui_main(argv: Sequence[str] | None = None) -> int:
     import subprocess
 
     from pipelines.catalog import Catalog
-    from pipelines.lineage import tracking_uri
+    from pipelines.tracking import tracking_uri
 
     config = parse_command(UiConfig, argv, prog="seedpipe ui", description=ui_main.__doc__ or "")
     uri = tracking_uri(Catalog(config.root))
@@ -120,10 +120,11 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0] in DELEGATED:
-        import importlib
+        import pkgutil
 
-        module, _, function = DELEGATED[argv[0]][0].partition(":")
-        return getattr(importlib.import_module(module), function or "main")(argv[1:])
+        # entry-point strings, as console_scripts name them: the module is imported only when used
+        target = DELEGATED[argv[0]][0]
+        return pkgutil.resolve_name(target if ":" in target else f"{target}:main")(argv[1:])
     args = build_parser().parse_args(argv)
     return args.func(args)
 

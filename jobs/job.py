@@ -127,4 +127,6 @@ def run_location(config: TrainJobConfig, job_name: str) -> tuple[str, str]:
 
 
 def run_dir(config: TrainJobConfig, job_name: str) -> Path:
-    return Path(*run_location(config, job_name))
+    """`<storage>/<run name>`: the run folder (config, metrics.jsonl, MLflow run id, export)."""
+    name, storage = run_location(config, job_name)
+    return Path(storage, name)

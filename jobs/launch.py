@@ -12,14 +12,16 @@ import json
 from collections.abc import Sequence
 from typing import Any
 
-from jobs.config import TrainJobConfig
+from jobs.config import CONFIG_DIR, TrainJobConfig
 from jobs.job import Job, Prepared, RunContext, WorkerSpec, run_location
 from pipelines import config as cfg
 
 
 def job_main(job: Job[Any, Any], argv: Sequence[str] | None, *, prog: str, description: str) -> int:
     """The whole CLI of a training job: parse, prepare, print the plan, (unless --dry-run) launch."""
-    config = job.resolve(cfg.parse_command(job.config_cls, argv, prog=prog, description=description))
+    config = job.resolve(
+        cfg.parse_command(job.config_cls, argv, prog=prog, description=description, config_dirs=[CONFIG_DIR])
+    )
     prepared = job.prepare(config)
     name, storage = run_location(config, job.name)
     rows = sum(d.rows or 0 for d in prepared.input_datasets if d.context == "training")
@@ -45,11 +47,12 @@ def launch(job: Job[Any, Any], config: TrainJobConfig, prepared: Prepared[Any]) 
     from pipelines.catalog import Catalog
     from pipelines.cli_common import ensure_ray
     from pipelines.datasets import drop_holdout
-    from pipelines.lineage import code_version, tracking_uri
+    from pipelines.tracking import code_version, sync_pending, tracking_uri
 
     name, storage = run_location(config, job.name)
     context = RunContext(run_name=name, storage_path=storage, tracking_uri=tracking_uri(Catalog(config.root)),
                          code_version=code_version(), resolved_yaml=cfg.to_yaml(config))  # fmt: skip
+    sync_pending(config.root)  # stage runs an MLflow outage left queued (bounded, never raises)
     context.run_dir.mkdir(parents=True, exist_ok=True)
     cfg.save_config(config, context.run_dir / "config.yaml")
     env = configure_environment()

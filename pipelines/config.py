@@ -164,7 +164,8 @@ def build_parser(cls: type, *, prog: str, description: str, aliases: Mapping[str
         prog=prog, description=description, epilog=epilog,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )  # fmt: skip
-    parser.add_argument("--config", metavar="FILE.yaml", help="YAML config (keys as below)")
+    parser.add_argument("--config", metavar="FILE.yaml",
+                        help="YAML config (keys as below); a shipped one by name, e.g. tiny_stage1")  # fmt: skip
     for f in dataclasses.fields(cls):
         tp = hints[f.name]
         if f.name == positional or not _is_scalar(tp):
@@ -188,9 +189,25 @@ def build_parser(cls: type, *, prog: str, description: str, aliases: Mapping[str
     return parser
 
 
+def find_config(name: str, config_dirs: Sequence[str | Path] = ()) -> Path:
+    """`--config` as given when it is a file, else a shipped config by name (`tiny_stage1` or
+    `tiny_stage1.yaml` in one of `config_dirs`), so the shipped YAMLs work from any folder."""
+    path = Path(name)
+    if path.is_file():
+        return path
+    for directory in config_dirs:
+        for candidate in (Path(directory, name), Path(directory, f"{name}.yaml")):
+            if candidate.is_file():
+                return candidate
+    shipped = sorted(p.stem for d in config_dirs for p in Path(d).glob("*.yaml"))
+    raise ConfigError(f"--config {name}: no such file" + (f" (shipped: {', '.join(shipped)})" if shipped else ""))
+
+
 def parse_command(cls: type[T], argv: Sequence[str] | None, *, prog: str, description: str,
-                  aliases: Mapping[str, str] | None = None, positional: str | None = None) -> T:  # fmt: skip
-    """Parse `argv` into a validated `cls`: defaults < --config < flags < key=value overrides."""
+                  aliases: Mapping[str, str] | None = None, positional: str | None = None,
+                  config_dirs: Sequence[str | Path] = ()) -> T:  # fmt: skip
+    """Parse `argv` into a validated `cls`: defaults < --config < flags < key=value overrides.
+    `config_dirs`: where `--config NAME` finds shipped YAMLs by name."""
     parser = build_parser(cls, prog=prog, description=description, aliases=aliases,
                           positional=positional)  # fmt: skip
     argv = list(argv or [])
@@ -207,7 +224,8 @@ def parse_command(cls: type[T], argv: Sequence[str] | None, *, prog: str, descri
     if positional:
         values = getattr(args, positional)
         flags.append(f"{positional}=[{','.join(_quote(v) for v in values)}]")
-    return load_config(cls, args.config, flags + overrides + list(args.overrides))
+    path = find_config(args.config, config_dirs) if args.config else None
+    return load_config(cls, path, flags + overrides + list(args.overrides))
 
 
 def _is_key(word: str) -> bool:

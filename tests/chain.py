@@ -15,7 +15,6 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from jobs.config import CONFIG_DIR
 from pipelines.synthetic import ImageServer, make_images, write_url_list
 
 CORPUS = "chain"
@@ -60,12 +59,12 @@ def steps(root: str) -> list[tuple[str, list[str]]]:
         ("ingest", ["ingest", *common, "--url-list", "URLS", "--allow-private-hosts",
                     "--samples-per-shard", str(SAMPLES_PER_SHARD)]),
         ("features", ["features", *common, "--encoder", "tiny"]),
-        ("stage1", ["train-tokenizer", "--stage", "1", "--config", str(CONFIG_DIR / "tiny_stage1.yaml"), *common]),
+        ("stage1", ["train-tokenizer", "--stage", "1", "--config", "tiny_stage1", *common]),
         ("qembeds", ["qembeds", *common, "--stage1", "models:/seed-tokenizer-stage1/1"]),
-        ("stage2", ["train-tokenizer", "--stage", "2", "--config", str(CONFIG_DIR / "tiny_stage2.yaml"), *common,
+        ("stage2", ["train-tokenizer", "--stage", "2", "--config", "tiny_stage2", *common,
                     "stage1=models:/seed-tokenizer-stage1/1"]),
         ("tokenize", ["tokenize", *common, "--tokenizer", "models:/seed-tokenizer/1"]),
-        ("lora", ["train-lora", "--config", str(CONFIG_DIR / "tiny_lora.yaml"), *common]),
+        ("lora", ["train-lora", "--config", "tiny_lora", *common]),
     ]  # fmt: skip
 
 
