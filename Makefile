@@ -15,7 +15,7 @@ export RAY_AUTH_MODE := disabled
 export RAY_USAGE_STATS_ENABLED := 0
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: setup test lint format clean
+.PHONY: setup test test-fast lint format clean
 
 setup: $(VENV)/.installed $(VENV)/.ops-warm
 
@@ -37,6 +37,10 @@ $(VENV)/.ops-warm: $(VENV)/.installed
 
 test: setup
 	$(PY) -m pytest $(PYTEST_ARGS)
+
+# Everything not marked `slow` (pyproject.toml): skips the end-to-end Ray, DeepSpeed and server tests.
+test-fast: setup
+	$(PY) -m pytest -m "not slow" $(PYTEST_ARGS)
 
 lint: setup
 	$(VENV)/bin/ruff check .
