@@ -46,6 +46,9 @@ def run_img2dataset(input_path: str, out_dir: str, *, first_id: int, config: Ing
     resizer = functools.partial(
         GuardedResizer,
         allow_private_hosts=config.allow_private_hosts,
+        deadline_s=config.deadline,
+        max_image_bytes=config.max_image_bytes,
+        max_resize_pixels=config.max_resize_pixels,
     )
     start = time.perf_counter()
     previous_sigint = signal.getsignal(signal.SIGINT)

@@ -54,7 +54,15 @@ import pyarrow.parquet as pq
 from pipelines.catalog import Catalog, sha256_text
 from pipelines.config import cli_main, parse_command
 from pipelines.download import RESIZE_MODE
-from pipelines.imagecheck import MAX_IMAGE_PIXELS, GuardedResizer, precheck_image, sniff_image
+from pipelines.imagecheck import (
+    DEADLINE_S,
+    MAX_IMAGE_BYTES,
+    MAX_IMAGE_PIXELS,
+    MAX_RESIZE_PIXELS,
+    GuardedResizer,
+    precheck_image,
+    sniff_image,
+)
 from pipelines.netguard import (
     METADATA_HOSTS,
     METADATA_IPS,
@@ -111,7 +119,8 @@ __all__ = [
     "METADATA_HOSTS", "METADATA_IPS", "BlockedAddressError", "Resolver", "address_refusal",
     "check_url", "guarded_create_connection", "guarded_opener", "host_refusal",
     # pipelines.imagecheck
-    "MAX_IMAGE_PIXELS", "GuardedResizer", "precheck_image", "sniff_image",
+    "DEADLINE_S", "MAX_IMAGE_BYTES", "MAX_IMAGE_PIXELS", "MAX_RESIZE_PIXELS", "GuardedResizer",
+    "precheck_image", "sniff_image",
     # pipelines.rawcorpus
     "ENCODE_FORMAT", "FAILED", "MANIFEST", "RETRYABLE_HTTP", "SOURCES", "STAGING", "ShardError",
     "ShardInfo", "catalog_digest", "failure_cause", "inspect_shard", "is_retryable",
@@ -144,7 +153,9 @@ class IngestResult:
     new_shards: list[str] = field(default_factory=list)
     failed_shards: dict[str, str] = field(default_factory=dict)
     images_per_s: float = 0.0
-    """Successes per second of download (img2dataset's shard start/end times)."""
+    """Successes per second of download_s."""
+    download_s: float = 0.0
+    """First shard start to last shard end (img2dataset's stats): the downloads, no start-up."""
     wall_s: float = 0.0
     """Wall time of the img2dataset call, worker start-up included."""
     exit_code: int = 0
@@ -190,6 +201,13 @@ class IngestConfig:
     """Download threads per process."""
     timeout: float = 10.0
     """Seconds one socket operation (connect, one read) may take."""
+    deadline: float = DEADLINE_S
+    """Overall seconds one URL may take: connect, redirects, headers and body together."""
+    max_image_bytes: int = MAX_IMAGE_BYTES
+    """Byte cap of one download: a larger Content-Length or body is refused (too_large)."""
+    max_resize_pixels: int = MAX_RESIZE_PIXELS
+    """Pixel budget of the centre-crop resize (aspect ratio x image_size^2): thinner images are
+    refused from their header as decompression_bomb."""
     retries: int = 0
     """img2dataset's per-sample retries."""
     address: str | None = None
@@ -213,7 +231,14 @@ class IngestConfig:
         ):
             if (value := getattr(self, name)) < low:
                 raise ValueError(f"{name} must be >= {low}, got {value}")
-        for name in ("timeout",):
+        if self.max_resize_pixels < self.image_size**2:
+            raise ValueError(
+                f"max_resize_pixels must be >= image_size^2 = {self.image_size**2}, "
+                f"got {self.max_resize_pixels}"
+            )
+        if self.max_image_bytes < 1024:
+            raise ValueError(f"max_image_bytes must be >= 1024, got {self.max_image_bytes}")
+        for name in ("timeout", "deadline"):
             if (value := getattr(self, name)) <= 0:
                 raise ValueError(f"{name} must be > 0, got {value}")
 
@@ -370,7 +395,7 @@ def run(config: IngestConfig, *, resolver: Resolver | None = None) -> IngestResu
         print(f"error: {result.message}")
         return result
 
-    from pipelines.lineage import stage_run
+    from pipelines.tracking import stage_run
 
     with stage_run(catalog, stage="ingest", corpus=corpus, config=asdict(config)) as mlrun:
         result.run_id = mlrun.run_id
@@ -404,6 +429,7 @@ def run(config: IngestConfig, *, resolver: Resolver | None = None) -> IngestResu
             "successes": result.successes,
             "failed_samples": sum(result.failures.values()),
             "images_per_s": result.images_per_s,
+            "download_s": result.download_s,
             "new_shards": len(result.new_shards),
             "failed_shards": len(result.failed_shards),
         }
@@ -447,6 +473,7 @@ def _print_summary(result: IngestResult) -> None:
         *((f"  {cause}", n) for cause, n in result.failures.items()),
         ("new shards", len(result.new_shards)),
         ("images/s", f"{result.images_per_s:.1f}"),
+        ("download seconds", f"{result.download_s:.1f}"),
         ("wall seconds", f"{result.wall_s:.1f}"),
     ]
     for label, value in rows:

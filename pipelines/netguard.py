@@ -203,19 +203,39 @@ def guarded_create_connection(
     raise error or OSError(f"could not connect to {host}:{port}")
 
 
-def guarded_opener(*, allow_private_hosts: bool = False) -> urllib.request.OpenerDirector:
-    """A urllib opener for http(s) only, whose every connection (redirects included) is checked."""
+def guarded_opener(
+    *,
+    allow_private_hosts: bool = False,
+    connect_hook: Callable[[http.client.HTTPConnection, Callable[[], None]], None] | None = None,
+) -> urllib.request.OpenerDirector:
+    """A urllib opener for http(s) only, whose every connection (redirects included) is checked.
+
+    `connect_hook(connection, connect)`, if given, runs each connection's `connect` (e.g.
+    `pipelines.fetch.connect_within_deadline`, which bounds it in time and watches the socket).
+    """
     connect = functools.partial(guarded_create_connection, allow_private_hosts=allow_private_hosts)
+
+    def hooked(conn: http.client.HTTPConnection, parent_connect: Callable[[], None]) -> None:
+        if connect_hook is None:
+            parent_connect()
+        else:
+            connect_hook(conn, parent_connect)
 
     class GuardedHTTPConnection(http.client.HTTPConnection):
         def __init__(self, *args: Any, **kwargs: Any) -> None:
             super().__init__(*args, **kwargs)
             self._create_connection = connect
 
+        def connect(self) -> None:
+            hooked(self, super().connect)
+
     class GuardedHTTPSConnection(http.client.HTTPSConnection):
         def __init__(self, *args: Any, **kwargs: Any) -> None:
             super().__init__(*args, **kwargs)
             self._create_connection = connect
+
+        def connect(self) -> None:
+            hooked(self, super().connect)
 
     class GuardedHTTPHandler(urllib.request.HTTPHandler):
         def http_open(self, req: urllib.request.Request) -> http.client.HTTPResponse:

@@ -79,6 +79,7 @@ def download_and_commit(
     # Download throughput over the shards' own start/end times (img2dataset's stats), which leaves
     # out the start-up of its worker processes; wall_s includes it.
     busy = max((e for _, e in spans), default=0.0) - min((s for s, _ in spans), default=0.0)
+    result.download_s = busy
     result.images_per_s = result.successes / busy if busy > 0 else 0.0
     source["shards"] = list(result.new_shards)
     source["failed_shards"] = result.failed_shards

@@ -15,12 +15,14 @@ Design choices:
 - Shard ids are never reused: an id whose shard failed stays taken (its files are in `_failed/`),
   so the manifest's record of it stays true.
 - Failure causes (per sample, from img2dataset's `status`/`error_message`): `http_404`,
-  `http_4xx`, `http_5xx`, `timeout`, `not_an_image` (no known image signature),
+  `http_4xx`, `http_5xx`, `redirect_loop` (a loop or over 10 hops), `timeout` (one socket
+  operation, or the whole URL past its deadline: `pipelines.fetch`), `too_large` (over the byte
+  cap), `not_an_image` (no known image signature),
   `truncated_image` (an image signature, but the bytes do not decode), `decompression_bomb`,
   `blocked_address` (at connect time, `pipelines.netguard`), `robots_disallowed` (X-Robots-Tag
   noai/noindex, which img2dataset honours), `other_error:<short message>`. Only transient causes
-  are retryable (timeout, 5xx, 408/425/429, connection errors); 404, other 4xx, not an image,
-  truncated and bombs are permanent.
+  are retryable (timeout, 5xx, 408/425/429, connection errors); 404, other 4xx, redirect loops,
+  too large, not an image, truncated and bombs are permanent.
 - The checks read the staging folder through the local filesystem, so the root must be a local
   path (a shared filesystem mount on a cluster).
 """
@@ -58,6 +60,8 @@ def failure_cause(status: str | None, error_message: str | None) -> str | None:
         return None
     msg = (error_message or "").strip()
     low = msg.lower()
+    if "redirect error that would lead to an infinite loop" in low:  # urllib's loop / 10-hop limit
+        return "redirect_loop"
     if m := _HTTP.search(msg):
         code = int(m.group(1))
         if code == 404:
@@ -67,6 +71,8 @@ def failure_cause(status: str | None, error_message: str | None) -> str | None:
         return "blocked_address"
     if "timed out" in low or "timeout" in low:
         return "timeout"
+    if low.startswith("too large"):
+        return "too_large"
     if low.startswith("not an image"):
         return "not_an_image"
     if "decompression bomb" in low or "cv_io_max_image_pixels" in low:
@@ -84,6 +90,8 @@ def is_retryable(status: str | None, error_message: str | None) -> bool:
     """Whether a failed sample may succeed on a later attempt (transient causes only)."""
     cause = failure_cause(status, error_message)
     if cause is None:
+        return False
+    if cause == "redirect_loop":
         return False
     if m := _HTTP.search(error_message or ""):
         return int(m.group(1)) in RETRYABLE_HTTP or int(m.group(1)) >= 500
