@@ -8,7 +8,9 @@ latest checkpoint in `<storage>/<name>`); the MLflow run id is kept in the same 
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import tempfile
 from collections.abc import Sequence
 from typing import Any
 
@@ -22,18 +24,27 @@ def job_main(job: Job[Any, Any], argv: Sequence[str] | None, *, prog: str, descr
     config = job.resolve(
         cfg.parse_command(job.config_cls, argv, prog=prog, description=description, config_dirs=[CONFIG_DIR])
     )
-    prepared = job.prepare(config)
     name, storage = run_location(config, job.name)
+    if config.dry_run:
+        # prepare writes run-folder files (a caption-trained tokenizer, a tiny base LLM): a dry run
+        # prepares into a scratch folder, so it checks every input and leaves nothing behind
+        with tempfile.TemporaryDirectory(prefix="seedpipe-dry-run-") as scratch:
+            scratch_run = dataclasses.replace(config.run, storage_path=scratch)
+            _print_plan(job, name, storage, job.prepare(dataclasses.replace(config, run=scratch_run)))
+        print(cfg.to_yaml(config), end="", flush=True)
+        print(f"{job.name}: dry run, nothing launched", flush=True)
+        return 0
+    prepared = job.prepare(config)
+    _print_plan(job, name, storage, prepared)
+    result = launch(job, config, prepared)
+    return 0 if result.error is None else 1
+
+
+def _print_plan(job: Job[Any, Any], name: str, storage: str, prepared: Prepared[Any]) -> None:
     rows = sum(d.rows or 0 for d in prepared.input_datasets if d.context == "training")
     print(f"{job.name}: run {name} in {storage}; {len(prepared.train_files)} training files, "
           f"{rows} rows; inputs: " + ", ".join(f"{d.name}@{d.digest[:12]}" for d in prepared.input_datasets),
           flush=True)  # fmt: skip
-    if config.dry_run:
-        print(cfg.to_yaml(config), end="", flush=True)
-        print(f"{job.name}: dry run, nothing launched", flush=True)
-        return 0
-    result = launch(job, config, prepared)
-    return 0 if result.error is None else 1
 
 
 def launch(job: Job[Any, Any], config: TrainJobConfig, prepared: Prepared[Any]) -> Any:

@@ -70,6 +70,7 @@ def assert_checkpoint(run_dir: Path, step: int) -> None:
 def test_stage1_trains_checkpoints_exports_and_registers(root):
     """Stage 1: ITC loss goes down, checkpoints at 5/10/12, the Q-Former exports, loads, and is registered."""
     run_dir = root / "runs" / f"stage1-{CORPUS}"
+    assert (run_dir / "text_tokenizer" / "tokenizer.json").is_file()  # trained once, in the run folder
     curve = losses(run_dir)
     assert sorted(curve) == list(range(1, 13))
     assert sum(curve[s] for s in (10, 11, 12)) < sum(curve[s] for s in (1, 2, 3))
@@ -174,6 +175,7 @@ def test_lora_on_the_token_corpus(root):
     (tokens,) = (root / "corpora" / CORPUS / "tokens").iterdir()
     assert tokens.name.startswith("seed-tokenizer-v1@")
     run_dir = root / "runs" / f"lora-{CORPUS}"
+    assert {"text_tokenizer", "tiny_llm", "export"} <= {p.name for p in run_dir.iterdir()}
     client = client_for(root)
     run = job_run(client, run_dir)
     assert run.data.params["tokens"] == tokens.name
