@@ -11,8 +11,8 @@ Three traps, three choices:
 
 * torch's JIT cache lock (``FileBaton``, a bare ``lock`` file in the op's build dir) survives a
   process killed mid-build, and every later load then waits on it forever. We serialize builds with
-  an ``fcntl.flock`` instead (the OS drops it when its holder dies), and under it delete any
-  leftover baton.
+  a ``filelock.FileLock`` instead (``flock`` underneath: the OS drops it when its holder dies), and
+  under it delete any leftover baton.
 * Environments sharing ``~/.cache/torch_extensions`` rebuild in turns, so the cache lives inside
   the Python environment (``sys.prefix/var/torch_extensions``) and goes away with it.
 * ``make setup`` pays the build once (``python -m jobs.deepspeed_ops --warm``). Jobs call
@@ -27,8 +27,6 @@ Ray workers must see the same ``TORCH_EXTENSIONS_DIR``: pass ``configure_environ
 from __future__ import annotations
 
 import argparse
-import errno
-import fcntl
 import logging
 import os
 import sys
@@ -36,6 +34,8 @@ import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
+
+from filelock import FileLock, Timeout
 
 logger = logging.getLogger(__name__)
 
@@ -73,35 +73,31 @@ def configure_environment() -> dict[str, str]:
 
 @contextmanager
 def _build_lock(directory: Path, timeout_s: float) -> Iterator[None]:
-    """Hold an exclusive ``flock`` on ``directory/seedpipe-ops.lock``; the OS drops it on death."""
+    """Hold an exclusive lock on ``directory/seedpipe-ops.lock``; the OS drops it on death."""
     path = directory / _LOCK_NAME
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    holder_file = directory / f"{_LOCK_NAME}.pid"
+    lock = FileLock(path, poll_interval=_POLL_S)
     try:
-        deadline = time.monotonic() + timeout_s
-        announced = False
-        while True:
+        lock.acquire(timeout=0)
+    except Timeout:
+        logger.info("waiting for another process building DeepSpeed ops (%s)", path)
+        try:
+            lock.acquire(timeout=timeout_s)
+        except Timeout:
             try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                break
-            except OSError as err:
-                if err.errno not in (errno.EAGAIN, errno.EACCES):
-                    raise
-            if time.monotonic() >= deadline:
-                holder = os.pread(fd, 64, 0).decode(errors="replace").strip() or "unknown"
-                raise TimeoutError(
-                    f"waited {timeout_s:.0f} s for {path} (held by pid {holder}) while another "
-                    "process builds DeepSpeed ops"
-                )
-            if not announced:
-                logger.info("waiting for another process building DeepSpeed ops (%s)", path)
-                announced = True
-            time.sleep(_POLL_S)
-        # The pid is only a diagnostic for the timeout message above; the flock is the lock.
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+                holder = holder_file.read_text().strip() or "unknown"
+            except OSError:
+                holder = "unknown"
+            raise TimeoutError(
+                f"waited {timeout_s:.0f} s for {path} (held by pid {holder}) while another "
+                "process builds DeepSpeed ops"
+            ) from None
+    try:
+        # The pid is only a diagnostic for the timeout message above; the file lock is the lock.
+        holder_file.write_text(f"{os.getpid()}\n")
         yield
     finally:
-        os.close(fd)  # closing the descriptor releases the flock
+        lock.release()
 
 
 def _remove_stale_batons(build_dirs: Sequence[Path]) -> list[Path]:

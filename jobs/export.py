@@ -13,17 +13,21 @@
 - **Identity.** Version tags `digest` (seed_core `digest`: config + weights; for a LoRA adapter a
   sha256 of its files) and `kind`. Registering a digest that `registered_name` already has
   returns that version instead of adding a duplicate, so re-running the end of a job is safe.
-- **Tracking server down at the end of a job.** The export needs the server. It is retried (each
-  request bounded as in `jobs.tracking`) for `wait_s`; then the export is written to
+- **Tracking server down at the end of a job.** The export needs the server. It is retried with
+  backoff (tenacity; each request bounded by `pipelines.tracking.store`) for `wait_s`; then the
+  export is written to
   `<run_dir>/mlflow_pending_models.jsonl` and `ModelExportDeferred` is raised, whose message holds
   the command that registers it later: `python -m jobs.export register-pending <run_dir>`. The
   model directory must stay where it is until then (its digest is checked again).
 
-`Model.log(flavor=mlflow.pyfunc, run_id=...)` is what `mlflow.pyfunc.log_model` calls, plus the
-`run_id` argument that `pyfunc.log_model` does not expose: without it MLflow would attach the model
-to whatever fluent run is active in the process (training code may have one) or start a new one.
-It still resolves the tracking URI globally, so the tracker's URI is set around the call (and put
-back); another thread using fluent MLflow at that moment would see it.
+Everything goes through the tracker's `MlflowClient`, never MLflow's process-global store:
+`mlflow.pyfunc.log_model` / `Model.log` would attach the model to whatever fluent run is active and
+resolve the store globally, so `_log_pyfunc` does their steps with the client (create the logged
+model, link it as a run output at `step` with that step's metrics, `pyfunc.save_model` locally,
+upload with `log_model_artifacts`, finalize). The model version's source is the logged model's
+artifact location, with `run_id` and `model_id` given (MLflow's SQL registry would look a
+`models:/<model_id>` source up through the global store); the model id is also version tag
+`model_id`, since that registry does not keep it.
 """
 
 from __future__ import annotations
@@ -32,12 +36,8 @@ import argparse
 import hashlib
 import json
 import logging
-import os
-import re
 import tempfile
-import time
-from collections.abc import Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
@@ -45,11 +45,21 @@ from typing import Any
 
 import mlflow
 import numpy as np
+from mlflow.entities import LoggedModel, LoggedModelOutput, LoggedModelStatus, Metric
 from mlflow.exceptions import MlflowException
 from mlflow.models import Model
 from mlflow.pyfunc import PythonModel
+from tenacity import (
+    Retrying,
+    before_sleep_log,
+    retry_if_exception,
+    stop_before_delay,
+    wait_exponential,
+)
 
-from jobs.tracking import RunTracker, bounded_http, check_metric_names, is_transient
+from pipelines.tracking import RunTracker, check_names, is_transient
+from pipelines.tracking.fields import MAX_DIGEST, tag_key
+from pipelines.tracking.store import request_timeout_s
 
 logger = logging.getLogger(__name__)
 
@@ -167,10 +177,9 @@ def files_digest(directory: str | Path) -> str:
     root = Path(directory)
     h = hashlib.sha256()
     for path in sorted(p for p in root.rglob("*") if p.is_file() and p.name != "README.md"):
-        h.update(path.relative_to(root).as_posix().encode() + b"\0")
         with open(path, "rb") as f:
-            for block in iter(lambda: f.read(1 << 20), b""):
-                h.update(block)
+            file_hash = hashlib.file_digest(f, "sha256").digest()
+        h.update(path.relative_to(root).as_posix().encode() + b"\0" + file_hash)
     return h.hexdigest()
 
 
@@ -206,25 +215,6 @@ def _requirements() -> list[str]:
     return out
 
 
-@contextmanager
-def _global_tracking_uri(uri: str) -> Iterator[None]:
-    """The fluent/global tracking URI set to `uri` for this block (see the module docstring)."""
-    if mlflow.get_tracking_uri() == uri:
-        yield
-        return
-    from mlflow.tracking._tracking_service.utils import _use_tracking_uri
-
-    env = os.environ.get("MLFLOW_TRACKING_URI")
-    try:
-        with _use_tracking_uri(uri):
-            yield
-    finally:  # _use_tracking_uri unsets the variable when no URI was set explicitly
-        if env is None:
-            os.environ.pop("MLFLOW_TRACKING_URI", None)
-        else:
-            os.environ["MLFLOW_TRACKING_URI"] = env
-
-
 # ---- export
 def _existing_version(client: mlflow.MlflowClient, name: str, digest: str) -> Any | None:
     try:
@@ -236,80 +226,95 @@ def _existing_version(client: mlflow.MlflowClient, name: str, digest: str) -> An
     return min(found, key=lambda mv: int(mv.version)) if found else None
 
 
+def _log_pyfunc(client: mlflow.MlflowClient, logged: LoggedModel, *, run_id: str, step: int,
+                model_dir: Path, kind: str, identity: dict[str, str]) -> None:  # fmt: skip
+    """`Model.log(flavor=mlflow.pyfunc, run_id=, model_id=, step=)` through `client` (see the module
+    docstring): run output at `step`, that step's run metrics linked, artifacts uploaded, READY."""
+    client.log_outputs(run_id, [LoggedModelOutput(logged.model_id, step=step)])
+    linked = [
+        Metric(m.key, m.value, m.timestamp, m.step, model_id=logged.model_id,
+               dataset_name=m.dataset_name, dataset_digest=m.dataset_digest, run_id=run_id)
+        for key in client.get_run(run_id).data.metrics
+        for m in client.get_metric_history(run_id, key)
+        if m.step == step and m.model_id is None
+    ]  # fmt: skip
+    if linked:
+        client.log_batch(run_id, metrics=linked)
+    with tempfile.TemporaryDirectory() as tmp:
+        code, local = Path(tmp, "seed_pyfunc.py"), Path(tmp, "model")
+        code.write_text(_MODEL_CODE)
+        spec = Model(artifact_path=logged.artifact_location, model_uuid=logged.model_id,
+                     run_id=run_id, metadata=identity, model_id=logged.model_id)  # fmt: skip
+        mlflow.pyfunc.save_model(str(local), mlflow_model=spec, python_model=str(code),
+                                 model_config={"kind": kind}, artifacts={ARTIFACT_KEY: str(model_dir)},
+                                 pip_requirements=_requirements(), metadata=identity)  # fmt: skip
+        client.log_model_artifacts(logged.model_id, str(local))
+    client.finalize_logged_model(logged.model_id, LoggedModelStatus.READY)
+
+
 def _export(tracker: RunTracker, model_dir: Path, *, kind: str, registered_name: str,
             digest: str, step: int, datasets: Sequence[dict], metrics: Mapping[str, float],
             ) -> ModelVersionInfo:  # fmt: skip
     client, run_id = tracker.client, tracker.run_id
-    if not tracker.flush(timeout_s=tracker.request_timeout_s):
+    if run_id is None or not tracker.flush(timeout_s=request_timeout_s()):
         raise ConnectionError(f"{tracker.pending} tracking ops are still queued")
-    with bounded_http(tracker.request_timeout_s):
-        existing = _existing_version(client, registered_name, digest)
-        if existing is not None:
-            logger.info("%s with digest %s is already version %s; not registering it again",
-                        registered_name, digest[:12], existing.version)  # fmt: skip
-            source = existing.source or ""  # models:/<model_id>; the version's model_id is not kept
-            model_id = source[len("models:/") :] if source.startswith("models:/m-") else ""
-            return ModelVersionInfo(registered_name, str(existing.version),
-                                    f"models:/{registered_name}/{existing.version}",
-                                    model_id, digest, existing.run_id or "")  # fmt: skip
-        run = client.get_run(run_id)
-        identity = {"kind": kind, "digest": digest}
-        logged = client.create_logged_model(
-            run.info.experiment_id, name=registered_name, source_run_id=run_id,
-            tags=identity, params=dict(run.data.params), model_type=kind,
-        )  # fmt: skip
-        with _global_tracking_uri(tracker.tracking_uri), tempfile.TemporaryDirectory() as tmp:
-            code = Path(tmp, "seed_pyfunc.py")
-            code.write_text(_MODEL_CODE)
-            Model.log(None, mlflow.pyfunc, name=registered_name, run_id=run_id,
-                      model_id=logged.model_id, step=step, python_model=str(code),
-                      model_config={"kind": kind}, artifacts={ARTIFACT_KEY: str(model_dir)},
-                      pip_requirements=_requirements(), metadata=identity)  # fmt: skip
-        try:
-            client.create_registered_model(registered_name)
-        except MlflowException as exc:
-            if exc.error_code != "RESOURCE_ALREADY_EXISTS":
-                raise
-        tags = identity | {
-            f"input.{re.sub(r'[^A-Za-z0-9_./: -]', '_', d['name'])}": d["digest"] for d in datasets
-        }
-        # the registry resolves the models:/ source through the global tracking URI
-        with _global_tracking_uri(tracker.tracking_uri):
-            mv = client.create_model_version(registered_name, source=f"models:/{logged.model_id}",
-                                             run_id=run_id, tags=tags, model_id=logged.model_id)  # fmt: skip
+    existing = _existing_version(client, registered_name, digest)
+    if existing is not None:
+        logger.info("%s with digest %s is already version %s; not registering it again",
+                    registered_name, digest[:12], existing.version)  # fmt: skip
+        return ModelVersionInfo(registered_name, str(existing.version),
+                                f"models:/{registered_name}/{existing.version}",
+                                existing.model_id or existing.tags.get("model_id", ""), digest,
+                                existing.run_id or "")  # fmt: skip
+    run = client.get_run(run_id)
+    identity = {"kind": kind, "digest": digest}
+    logged = client.create_logged_model(
+        run.info.experiment_id, name=registered_name, source_run_id=run_id,
+        tags=identity, params=dict(run.data.params), model_type=kind,
+    )  # fmt: skip
+    _log_pyfunc(client, logged, run_id=run_id, step=step, model_dir=model_dir, kind=kind,
+                identity=identity)  # fmt: skip
+    try:
+        client.create_registered_model(registered_name)
+    except MlflowException as exc:
+        if exc.error_code != "RESOURCE_ALREADY_EXISTS":
+            raise
+    # model_id as a tag too: MLflow's SQL registry does not keep a version's model_id
+    tags = identity | {"model_id": logged.model_id}
+    tags |= {tag_key("input", d["name"]): d["digest"] for d in datasets}
+    mv = client.create_model_version(registered_name, source=logged.artifact_location,
+                                     run_id=run_id, tags=tags, model_id=logged.model_id)  # fmt: skip
     if metrics:
         evals = [d for d in datasets if d.get("context") == "eval"]
         link = (
-            {"dataset_name": evals[0]["name"], "dataset_digest": evals[0]["digest"][:36]}
+            {"dataset_name": evals[0]["name"], "dataset_digest": evals[0]["digest"][:MAX_DIGEST]}
             if len(evals) == 1
             else {}
         )
         last = {k: tracker.last_step(k) for k in metrics}
         stale = sorted(k for k, s in last.items() if s is not None and s >= step)
-        if stale:  # Model.log linked the run's values at `step`; a second point would duplicate
+        if stale:  # the run's values at `step` are linked already; a second point would duplicate
             logger.warning("run %s already has %s at step %d: the model is linked to those values",
                            run_id, stale, step)  # fmt: skip
         # through the tracker so that its per-key step bookkeeping sees them
         tracker.log_metrics(metrics, step=step, model_id=logged.model_id, **link)
-        tracker.flush(timeout_s=tracker.request_timeout_s)
+        tracker.flush(timeout_s=request_timeout_s())
     return ModelVersionInfo(registered_name, str(mv.version), f"models:/{registered_name}/{mv.version}",
                             logged.model_id, digest, run_id)  # fmt: skip
 
 
 def _export_retrying(tracker: RunTracker, model_dir: Path, *, wait_s: float, **kwargs: Any,
                      ) -> ModelVersionInfo:  # fmt: skip
-    """`_export`, retried with backoff while the failure is transient, for up to `wait_s`."""
-    deadline, delay = time.monotonic() + wait_s, min(tracker.retry_interval_s, 5.0)
-    while True:
-        try:
-            return _export(tracker, model_dir, **kwargs)
-        except Exception as exc:
-            if not is_transient(exc) or time.monotonic() + delay >= deadline:
-                raise
-            logger.warning("exporting %s failed (%s); retrying in %.0fs",
-                           kwargs["registered_name"], exc, delay)  # fmt: skip
-            time.sleep(delay)
-            delay = min(delay * 2, 30.0)
+    """`_export`, retried with backoff while the failure is transient, for up to `wait_s` (a
+    blocking wait is right here: the job's work is done and it is only registering the result)."""
+    retrying = Retrying(
+        stop=stop_before_delay(wait_s),
+        wait=wait_exponential(multiplier=min(tracker.retry_interval_s, 5.0), max=30.0),
+        retry=retry_if_exception(is_transient),
+        before_sleep=before_sleep_log(logger, logging.WARNING),
+        reraise=True,
+    )
+    return retrying(_export, tracker, model_dir, **kwargs)
 
 
 def log_seed_model(tracker: RunTracker, model_dir: str | Path, *, kind: str, registered_name: str,
@@ -324,7 +329,7 @@ def log_seed_model(tracker: RunTracker, model_dir: str | Path, *, kind: str, reg
     """
     model_dir = Path(model_dir).resolve()
     digest = model_digest(kind, model_dir)
-    check_metric_names(list(metrics or {}))
+    check_names(list(metrics or {}), "metric")
     datasets = [{"context": "input", **d} for d in input_datasets]
     if step is None:
         step = tracker.last_step() or 0

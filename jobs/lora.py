@@ -138,7 +138,7 @@ def _newest_version(catalog: Any, name: str) -> int | None:
     import mlflow
     from mlflow.exceptions import MlflowException
 
-    from pipelines.lineage import tracking_uri
+    from pipelines.tracking import tracking_uri
 
     uri = tracking_uri(catalog)
     if uri.startswith("sqlite:///") and not Path(uri[len("sqlite:///") :]).exists():

@@ -289,8 +289,7 @@ def _open_tracker(spec: WorkerSpec[Any, Any], ctx: RunContext) -> Any:
 
     import mlflow
 
-    from jobs.tracking import RunTracker
-    from pipelines.lineage import flatten
+    from pipelines.tracking import RunTracker, flatten
 
     # The run's store is also this process's global one: MLflow resolves `models:/` sources and
     # registry calls through the global URI (a worker's default would be ./mlflow.db in its cwd).

@@ -94,8 +94,11 @@ def run_stage(catalog: Catalog, *, stage: str, config: StageConfig, plan: Plan, 
     if dry_run or not plan.to_build:
         if not dry_run:
             print(f"{stage}: nothing to do", flush=True)
+            from pipelines.tracking import sync_pending  # stage runs an MLflow outage left queued
+
+            sync_pending(catalog)
         return StageResult(stage=stage, plan=plan, output_dir=output_dir)
-    from pipelines.lineage import stage_run
+    from pipelines.tracking import stage_run
 
     ensure_ray(config.address)
     with stage_run(

@@ -1,7 +1,7 @@
 """Model references: a local export directory or an MLflow `models:/` URI, resolved against the catalog.
 
 - A `models:/name/version` (or `models:/name@alias`) reference resolves against the catalog's
-  tracking store (`pipelines.lineage.tracking_uri`: the user's MLFLOW_TRACKING_URI, else the
+  tracking store (`pipelines.tracking.tracking_uri`: the user's MLFLOW_TRACKING_URI, else the
   embedded `<root>/mlflow.db`), passed explicitly to MLflow: never against whatever store MLflow's
   process-global URI happens to name (its default is a `./mlflow.db` in the working folder, which
   once made a model registered in the catalog "not found" and left a stray database behind).
@@ -62,7 +62,7 @@ def _from_registry(ref: str, catalog: Catalog) -> ModelRef:
     import mlflow
     from mlflow.exceptions import MlflowException
 
-    from pipelines.lineage import tracking_uri
+    from pipelines.tracking import tracking_uri
 
     uri = tracking_uri(catalog)
     body = ref[len("models:/") :].strip("/")

@@ -21,9 +21,9 @@ from jobs.export import (
     log_seed_model,
     register_pending,
 )
-from jobs.tracking import RunTracker
 from pipelines.catalog import Catalog
 from pipelines.models import resolve_model
+from pipelines.tracking import RunTracker
 from seed_core.qformer import CausalQFormer
 from seed_core.tokenizer import SeedTokenizer
 
@@ -134,7 +134,7 @@ def test_export_deferred_while_server_down_then_registered(tmp_path, tiny, track
         s.bind(("127.0.0.1", 0))
         dead = f"http://127.0.0.1:{s.getsockname()[1]}"
     offline = RunTracker(run_dir=run_dir, run_name="deferred", tracking_uri=dead,
-                         retry_interval_s=0.2, request_timeout_s=1)  # fmt: skip
+                         retry_interval_s=0.2)  # fmt: skip
     offline.log_metrics({"loss": 0.5}, step=7)
     with pytest.raises(ModelExportDeferred) as deferred:
         log_seed_model(offline, tmp_path / "tok", kind="seed_tokenizer",

@@ -18,7 +18,8 @@ from pathlib import Path
 import pytest
 from mlflow.tracking import MlflowClient
 
-from jobs.tracking import FALLBACK_FILE, REJECTED_FILE, RUN_ID_FILE, RunTracker, replay_fallback
+from pipelines.tracking import RunTracker, replay_fallback
+from pipelines.tracking.rundir import FALLBACK_FILE, REJECTED_FILE, RUN_ID_FILE
 from tests.mlflow_server import MlflowServer
 
 REPO = Path(__file__).resolve().parents[1]
@@ -64,7 +65,7 @@ def test_run_id_is_stable_and_params_idempotent(tmp_path, sqlite_uri, experiment
 
     second = RunTracker(run_dir=tmp_path / "run", run_name="job", tracking_uri=sqlite_uri,
                          experiment=experiment)  # fmt: skip
-    with caplog.at_level(logging.WARNING, logger="jobs.tracking"):
+    with caplog.at_level(logging.WARNING, logger="pipelines.tracking"):
         second.log_params(config)
         second.log_params({"lr": 2e-3})
     second.close()
@@ -107,7 +108,7 @@ def test_new_run_without_server_fails_clearly(tmp_path):
     start = time.monotonic()
     with pytest.raises(RuntimeError, match="cannot create the MLflow run"):
         RunTracker(run_dir=tmp_path / "run", run_name="job", tracking_uri=_dead_uri(),
-                   request_timeout_s=1, create_timeout_s=1.5)  # fmt: skip
+                   create_timeout_s=1.5)  # fmt: skip
     assert time.monotonic() - start < 10
     assert not (tmp_path / "run" / RUN_ID_FILE).exists()
 
@@ -123,7 +124,7 @@ def test_offline_resume_queues_then_replay_delivers_in_batches(tmp_path, sqlite_
     first.close()
 
     offline = RunTracker(run_dir=run_dir, run_name="job", tracking_uri=_dead_uri(),
-                         retry_interval_s=0.2, request_timeout_s=1)  # fmt: skip
+                         retry_interval_s=0.2)  # fmt: skip
     artifact = tmp_path / "gone.txt"
     artifact.write_text("x")
     offline.log_artifact(artifact)
@@ -165,9 +166,9 @@ def test_replay_after_process_death(tmp_path, sqlite_uri, experiment):
     ).close()
     script = textwrap.dedent(f"""
         import os
-        from jobs.tracking import RunTracker
+        from pipelines.tracking import RunTracker
         t = RunTracker(run_dir={str(run_dir)!r}, run_name="job", tracking_uri={_dead_uri()!r},
-                       retry_interval_s=60, request_timeout_s=1)
+                       retry_interval_s=60)
         for step in range(5):
             t.log_metrics({{"loss": float(step)}}, step=step)
         t.set_tags({{"phase": "dying"}})
@@ -203,7 +204,7 @@ def test_server_outage_is_queued_and_caught_up_exactly_once(tmp_path, mlflow_ser
     back on the same port and store, every step is on the server exactly once and the file is gone."""
     run_dir = tmp_path / "run"
     tracker = RunTracker(run_dir=run_dir, run_name="outage", tracking_uri=mlflow_server.uri,
-                         retry_interval_s=0.5, request_timeout_s=2)  # fmt: skip
+                         retry_interval_s=0.5)  # fmt: skip
     tracker.log_params({"optim": {"lr": 0.1}})
     for step in range(5):
         tracker.log_metrics({"loss": float(step), "lr": 0.1}, step=step)
@@ -211,7 +212,7 @@ def test_server_outage_is_queued_and_caught_up_exactly_once(tmp_path, mlflow_ser
 
     mlflow_server.stop()
     latencies = []
-    with caplog.at_level(logging.WARNING, logger="jobs.tracking"):
+    with caplog.at_level(logging.WARNING, logger="pipelines.tracking"):
         for step in range(5, 10):
             t0 = time.monotonic()
             tracker.log_metrics({"loss": float(step), "lr": 0.1}, step=step)
