@@ -63,6 +63,10 @@ def load_config(
             merged = OmegaConf.merge(merged, OmegaConf.load(config_path))
         merged = OmegaConf.merge(merged, OmegaConf.from_dotlist(list(overrides)))
         return OmegaConf.to_object(merged)  # type: ignore[return-value]
+    except ConfigError:
+        raise
+    except ValueError as err:  # a dataclass's __post_init__: its message names the field
+        raise ConfigError(str(err)) from None
     except OmegaConfBaseException as err:
         key = getattr(err, "full_key", None)
         raise ConfigError(
