@@ -1,5 +1,5 @@
 """RunTracker: stable run id, idempotent params, exactly-once metric steps across restarts and
-tracking-server outages, fallback replay. Stores are per-test SQLite files; the outage test starts
+tracking-server outages, fallback replay, MLflow's name rule, no environment edits. Stores are per-test SQLite files; the outage test starts
 a real `mlflow server` on 127.0.0.1 and stops it in a fixture."""
 
 from __future__ import annotations
@@ -7,18 +7,21 @@ from __future__ import annotations
 import gc
 import json
 import logging
+import os
 import socket
 import subprocess
 import sys
 import textwrap
 import time
 from collections import Counter
+from collections.abc import Iterator, MutableMapping
 from pathlib import Path
 
 import pytest
 from mlflow.tracking import MlflowClient
 
-from pipelines.tracking import RunTracker, replay_fallback
+from pipelines.tracking import RunTracker, check_names, replay_fallback
+from pipelines.tracking.fields import tag_key
 from pipelines.tracking.rundir import FALLBACK_FILE, REJECTED_FILE, RUN_ID_FILE
 from tests.mlflow_server import MlflowServer
 
@@ -185,6 +188,79 @@ def test_replay_after_process_death(tmp_path, sqlite_uri, experiment):
     run_id = (run_dir / RUN_ID_FILE).read_text().strip()
     assert _steps(client, run_id, "loss") == Counter(range(5))
     assert client.get_run(run_id).data.tags["phase"] == "dying"
+
+
+def test_name_rule_matches_mlflows_store(sqlite_uri, experiment):
+    """check_names accepts exactly the metric names MLflow's store accepts (for these cases), and
+    tag_key turns any dataset name into a valid tag name."""
+    client = MlflowClient(sqlite_uri)
+    run_id = client.create_run(client.create_experiment(experiment)).info.run_id
+    good = ["loss", "eval/recall_at_1", "rows.blocked_address", "a b:c-d", "x" * 250]
+    bad = ["", "../up", "/abs", "a//b", "a/./b", "a/", "bad#name", "ünïcode?", "x" * 251]
+    for name in good + bad:
+        try:
+            client.log_metric(run_id, name, 1.0)
+            store_ok = True
+        except Exception:
+            store_ok = False
+        try:
+            check_names([name], "metric")
+            ours_ok = True
+        except ValueError:
+            ours_ok = False
+        assert (name in good) == ours_ok == store_ok, name
+    for name in ["cc3m/features/paper-v2", "../x", "/abs//path/", "a#b?c", "./."]:
+        check_names([tag_key("input", name)], "tag")
+    assert tag_key("output", "synth/raw") == "output.synth/raw"
+
+
+class _EnvSpy(MutableMapping):
+    """os.environ, recording every read and write made through it."""
+
+    def __init__(self, real: MutableMapping[str, str]) -> None:
+        self.real, self.reads, self.writes = real, Counter(), []
+
+    def __getitem__(self, key: str) -> str:
+        self.reads[key] += 1
+        return self.real[key]
+
+    def __setitem__(self, key: str, value: str) -> None:
+        self.writes.append(("set", key, value))
+        self.real[key] = value
+
+    def __delitem__(self, key: str) -> None:
+        self.writes.append(("del", key))
+        del self.real[key]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.real)
+
+    def __len__(self) -> int:
+        return len(self.real)
+
+    def copy(self) -> dict[str, str]:
+        return dict(self.real)
+
+
+def test_tracker_never_edits_the_environment_while_logging(tmp_path, monkeypatch):
+    """Once a tracker exists, logging, retrying against a down server, flushing and closing make
+    HTTP requests that read MLflow's settings from os.environ but never write it."""
+    tracker = RunTracker(run_dir=tmp_path / "run", run_name="job", tracking_uri=_dead_uri(),
+                         retry_interval_s=0, create_timeout_s=0, defer_create=True)  # fmt: skip
+    spy = _EnvSpy(os.environ)
+    monkeypatch.setattr(os, "environ", spy)
+    for step in range(5):
+        tracker.log_metrics({"loss": 1.0 / (step + 1)}, step=step)
+    tracker.log_params({"optim": {"lr": 0.1}})
+    tracker.set_tags({"phase": "outage"})
+    tracker.log_dataset(name="demo/raw", digest="a" * 64, uri="file:///data/raw", context="input")
+    tracker.log_dict({"a": 1}, "config.json")
+    tracker.close(timeout_s=0.2)
+    monkeypatch.undo()
+    assert spy.writes == []
+    assert spy.reads["MLFLOW_HTTP_REQUEST_TIMEOUT"] > 0  # the requests were made, bounded
+    assert "MLFLOW_HTTP_REQUEST_MAX_RETRIES" in os.environ  # set once, when the tracker was made
+    assert tracker.pending > 0
 
 
 @pytest.fixture

@@ -7,6 +7,7 @@ after an outage. Modules, one job each:
 - `fields`: MLflow's name rule, the tag-key rule, params from configs, dataset entities.
 - `rundir`: a run folder's tracking files and its lock.
 - `outbox`: the ordered queue of undelivered ops and their idempotent delivery; `replay_fallback`.
+- `backoff`: when a tracker tries again during an outage (non-blocking, doubling interval).
 - `tracker`: `RunTracker`, outage-proof logging into one stable run (jobs, rank 0).
 - `stage_runs`: `stage_run` (one run per stage or ingest execution) and `sync_pending`.
 - `__main__`: `python -m pipelines.tracking replay RUN_DIR` / `sync ROOT`.

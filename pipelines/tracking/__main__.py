@@ -26,7 +26,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     if args.command == "replay":
-        count = replay_fallback(args.run_dir, args.tracking_uri)
+        try:
+            count = replay_fallback(args.run_dir, args.tracking_uri)
+        except RuntimeError as exc:  # unreachable store, or a live process holds the folder
+            print(f"error: {exc}")
+            return 1
         print(f"delivered {count} ops from {Path(args.run_dir) / FALLBACK_FILE}")
         return 0
     count = sync_pending(args.root, tracking_uri=args.tracking_uri, budget_s=args.budget_s)

@@ -192,6 +192,7 @@ def sync_pending(root: Catalog | str | Path, *, tracking_uri: str | None = None,
                 down[uri] = error
             elif not outbox:
                 synced += 1
+                _note_synced(run_dir, run_id=outbox.run_id, uri=uri)
                 logger.info("synced stage run %s to MLflow run %s", run_dir.name, outbox.run_id)
         except Exception as exc:  # never into the command
             logger.warning("cannot sync stage run %s: %s", run_dir, exc)
@@ -204,6 +205,17 @@ def sync_pending(root: Catalog | str | Path, *, tracking_uri: str | None = None,
         logger.warning("%d stage runs of %s are still waiting for MLflow (in %s)",
                        left_over, catalog.root_uri, stage_runs_dir(catalog))  # fmt: skip
     return synced
+
+
+def _note_synced(run_dir: Path, *, run_id: str | None, uri: str) -> None:
+    path = run_dir / RECORD_FILE
+    if path.is_file():
+        record = json.loads(path.read_text()) | {
+            "run_id": run_id,
+            "synced_to": uri,
+            "synced": _now(),
+        }
+        write_atomic(path, json.dumps(record, indent=1, default=str))
 
 
 def pending_stage_runs(root: Catalog | str | Path) -> list[Path]:

@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Any
 
 import requests
+from mlflow.entities import RunTag
 from mlflow.environment_variables import (
     MLFLOW_HTTP_REQUEST_MAX_RETRIES,
     MLFLOW_HTTP_REQUEST_TIMEOUT,
@@ -121,13 +122,16 @@ def experiment_id(client: MlflowClient, name: str, uri: str) -> str:
 
 def find_or_create_run(client: MlflowClient, *, uri: str, experiment: str, run_key: str,
                        run_name: str, tags: dict[str, str], start_time: int | None = None) -> str:  # fmt: skip
-    """The id of the run tagged `run_key`, created in `experiment` when there is none yet."""
+    """The id of the run tagged `run_key`, created in `experiment` when there is none yet (an
+    existing one gets `tags` again, as its create would have set them)."""
     exp_id = experiment_id(client, experiment, uri)
     found = client.search_runs(
         [exp_id], filter_string=f"tags.{RUN_KEY_TAG} = '{run_key}'", max_results=1
     )
     if found:
-        return found[0].info.run_id
+        run_id = found[0].info.run_id
+        client.log_batch(run_id, tags=[RunTag(k, v) for k, v in tags.items()])
+        return run_id
     run = client.create_run(
         exp_id, start_time=start_time, run_name=run_name, tags={**tags, RUN_KEY_TAG: run_key}
     )

@@ -14,7 +14,7 @@
   (`store.bound_http`, set once per process; the tracker never touches `os.environ` while it
   logs). A failed op stays queued in memory and in `<run_dir>/mlflow_fallback.jsonl`; later calls
   retry the queue in order, no more often than `retry_interval_s`, the interval doubling while the
-  outage lasts (up to 60 s); one warning per outage, one on recovery. A refused connection costs a
+  outage lasts (up to 60 s, `backoff`); one warning per outage, one on recovery. A refused connection costs a
   call ~1 ms; a server that accepts but never answers costs the call that falls due one request
   timeout, hence the backoff. Catching up a backlog takes at most ~1 s of each call
   (`DRAIN_BUDGET_S`). Bad metric/param/tag names raise ValueError at the call (`fields`). What a
@@ -44,6 +44,7 @@ from tenacity import (
     wait_exponential,
 )
 
+from pipelines.tracking.backoff import OutageBackoff
 from pipelines.tracking.fields import (
     MAX_TAG_VALUE,
     check_names,
@@ -67,8 +68,6 @@ logger = logging.getLogger(__name__)
 
 # Work a logging call may spend catching up a backlog; the rest waits for the next call.
 DRAIN_BUDGET_S = 1.0
-# Longest wait between two delivery attempts during an outage.
-MAX_RETRY_INTERVAL_S = 60.0
 
 
 def _now_ms() -> int:
@@ -99,11 +98,11 @@ class RunTracker:
         self._lock = threading.RLock()
         self._dir_lock = RunDirLock(self.run_dir)
         self._closed = False
-        self._outage_since: float | None = None
-        self._next_retry = 0.0
-        self._retry_delay = retry_interval_s
         try:
             self._outbox = Outbox(self.client, self.run_dir, tracking_uri=self.tracking_uri)
+            self._backoff = OutageBackoff(
+                retry_interval_s, uri=self.tracking_uri, queue_path=self._outbox.path
+            )
             self._state = read_state(self.run_dir) | {"tracking_uri": self.tracking_uri}
             self._state.setdefault("run_key", uuid.uuid4().hex)
             self._last_step: dict[str, int] = dict(self._state.get("last_step", {}))
@@ -141,7 +140,7 @@ class RunTracker:
                         f"{self.run_dir / RUN_ID_FILE} names run {run_id}, which "
                         f"{self.tracking_uri} cannot give: {exc}"
                     ) from exc
-                self._note_failure(exc)  # resume offline: everything queues until it is back
+                self._backoff.failed(exc)  # resume offline: everything queues until it is back
             else:
                 server = last_steps(run)
                 for key, step in server.items():
@@ -171,7 +170,7 @@ class RunTracker:
                         "reachable store) and start it again."
                     ) from exc
                 raise
-            self._note_failure(exc)
+            self._backoff.failed(exc)
             self._outbox.add({"run_id": None, **create})
             self._outbox.persist()
             return
@@ -199,25 +198,8 @@ class RunTracker:
         check_names([k for k, _ in items], "tag")
         return batch_ops("tags", items)
 
-    def _note_failure(self, exc: BaseException) -> None:
-        # The retry interval doubles while the outage lasts (up to MAX_RETRY_INTERVAL_S): against
-        # a server that accepts connections but never answers, each attempt costs the caller a
-        # full request timeout, so attempts must thin out.
-        now = time.monotonic()
-        if self._outage_since is None:
-            self._outage_since = now
-            self._retry_delay = self.retry_interval_s
-            logger.warning(
-                "MLflow at %s is unreachable (%s): queuing to %s, retrying from every %gs",
-                self.tracking_uri, exc, self._outbox.path, self.retry_interval_s,
-            )  # fmt: skip
-        else:
-            cap = max(self.retry_interval_s, MAX_RETRY_INTERVAL_S)
-            self._retry_delay = min(self._retry_delay * 2, cap)
-        self._next_retry = now + self._retry_delay
-
     def _drain(self, budget_s: float, force: bool = False) -> None:
-        if not force and self._outage_since is not None and time.monotonic() < self._next_retry:
+        if not force and self._backoff.waiting():
             self._outbox.persist()
             return
         try:
@@ -227,13 +209,9 @@ class RunTracker:
             error = exc
             self._outbox.persist()
         if error is not None:
-            self._note_failure(error)
-        elif self._outage_since is not None:
-            logger.warning(
-                "MLflow at %s is reachable again after %.0fs; %d ops still queued",
-                self.tracking_uri, time.monotonic() - self._outage_since, len(self._outbox),
-            )  # fmt: skip
-            self._outage_since = None
+            self._backoff.failed(error)
+        else:
+            self._backoff.succeeded(len(self._outbox))
 
     def _enqueue(self, ops: Sequence[dict[str, Any]]) -> None:
         with self._lock:
