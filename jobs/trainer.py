@@ -287,13 +287,8 @@ def _kill_once(run_dir: Path, step: int) -> None:
 def _open_tracker(spec: WorkerSpec[Any, Any], ctx: RunContext) -> Any:
     import dataclasses
 
-    import mlflow
-
     from pipelines.tracking import RunTracker, flatten
 
-    # The run's store is also this process's global one: MLflow resolves `models:/` sources and
-    # registry calls through the global URI (a worker's default would be ./mlflow.db in its cwd).
-    mlflow.set_tracking_uri(ctx.tracking_uri)
     tags = {"job": spec.job.name, "stage": spec.job.name, "corpus": spec.config.corpus,
             "code_version": ctx.code_version}  # fmt: skip
     tracker = RunTracker(run_dir=ctx.run_dir, run_name=ctx.run_name, tracking_uri=ctx.tracking_uri, tags=tags)

@@ -6,7 +6,11 @@ The training loop only sums (`TaskOutput.loss`), steps and logs; one loop serves
 - `Stage1Task`: image-text contrastive loss (ITC) between the *last* causal query's feature and
   the caption's first-token feature from the Q-Former's own text branch (as BLIP-2). Learned
   temperature (init 0.07, clamped as BLIP-2 does), label smoothing 0.1, in-batch negatives
-  gathered across all ranks when torch.distributed is initialised.
+  gathered across all ranks when torch.distributed is initialised. With a `caption_group` per
+  row (e.g. a hash of the caption text), every in-batch pair of the same group is a positive and
+  the target is spread evenly over them, as ALBEF/BLIP spread it over pairs sharing an image id:
+  templated corpora repeat captions inside a batch, and one-hot targets would push identical
+  captions apart as negatives. With unique groups (or none) this is the paper's one-hot ITC.
 - `Stage2Task`: the Q-Former is frozen; trains quantizer and decoders with
   5 * VQ + 2 * (1 - cos) reconstruction + 0.5 * MSE generation (SEED-2; v1 uses the MSE to the
   77 x 768 SD text conditioning). Takes patch features (runs the frozen Q-Former) or cached
@@ -24,6 +28,7 @@ import torch.distributed as dist
 import torch.distributed.nn.functional as dist_fn
 from torch import nn
 
+from seed_core.llm import ImageTokenSpace
 from seed_core.qformer import CausalQFormer
 from seed_core.tokenizer import SeedTokenizer
 
@@ -54,6 +59,24 @@ def gather_with_grad(x_BE: torch.Tensor) -> tuple[torch.Tensor, int]:
     return torch.cat(gathered, dim=0), dist.get_rank() * x_BE.shape[0]
 
 
+@torch.no_grad()
+def gather_no_grad(x_B: torch.Tensor) -> torch.Tensor:
+    """All ranks' rows (N, ...) in rank order, without autograd (ids, labels); same rule as above."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return x_B
+    gathered = [torch.empty_like(x_B) for _ in range(dist.get_world_size())]
+    dist.all_gather(gathered, x_B.contiguous())
+    return torch.cat(gathered, dim=0)
+
+
+def itc_targets(groups_B: torch.Tensor, all_groups_N: torch.Tensor, smoothing: float) -> torch.Tensor:
+    """(B, N) soft ITC targets: (1 - smoothing) spread evenly over the same-group columns, plus
+    smoothing / N everywhere (torch's label smoothing). One-hot + smoothing when groups are unique."""
+    positive_BN = (groups_B[:, None] == all_groups_N[None, :]).float()
+    spread_BN = positive_BN / positive_BN.sum(dim=1, keepdim=True)
+    return (1.0 - smoothing) * spread_BN + smoothing / all_groups_N.shape[0]
+
+
 @dataclass(kw_only=True)
 class Stage1Config:
     """Stage-1 ITC settings (SEED_NOTES.md, Training)."""
@@ -81,7 +104,8 @@ class Stage1Task(nn.Module):
         self.temperature = nn.Parameter(torch.tensor([self.config.temperature_init]))
 
     def forward(self, batch: dict[str, torch.Tensor]) -> TaskOutput:
-        """batch: patch_features (B, P, Dv), input_ids (B, T), attention_mask (B, T)."""
+        """batch: patch_features (B, P, Dv), input_ids (B, T), attention_mask (B, T), and optionally
+        caption_group (B,) int64: rows of equal group are positives of each other (default: none)."""
         queries_BQD = self.qformer(batch["patch_features"])
         image_BE = self.qformer.image_feature(queries_BQD)
         text_BE = self.qformer.text_feature(
@@ -93,16 +117,26 @@ class Stage1Task(nn.Module):
             self.temperature.clamp_(0.001, 0.5)  # BLIP-2 keeps the learned temperature in range
         logits_i2t_BN = image_BE @ all_text_NE.t() / self.temperature
         logits_t2i_BN = text_BE @ all_image_NE.t() / self.temperature
-        targets_B = torch.arange(image_BE.shape[0], device=image_BE.device) + offset
         smoothing = self.config.label_smoothing
+        if "caption_group" in batch:
+            groups_B = batch["caption_group"].reshape(-1).long()
+            all_groups_N = gather_no_grad(groups_B)
+        else:  # every row its own group: the paper's one-hot targets
+            all_groups_N = torch.arange(all_text_NE.shape[0], device=image_BE.device)
+            groups_B = all_groups_N[offset : offset + image_BE.shape[0]]
+        # the group relation is symmetric, so text i's positive images are image i's positive texts
+        targets_BN = itc_targets(groups_B, all_groups_N, smoothing).to(logits_i2t_BN.dtype)
         itc = 0.5 * (
-            nn.functional.cross_entropy(logits_i2t_BN, targets_B, label_smoothing=smoothing)
-            + nn.functional.cross_entropy(logits_t2i_BN, targets_B, label_smoothing=smoothing)
+            nn.functional.cross_entropy(logits_i2t_BN, targets_BN)
+            + nn.functional.cross_entropy(logits_t2i_BN, targets_BN)
         )
         with torch.no_grad():
-            metrics = {
-                "acc_i2t": (logits_i2t_BN.argmax(1) == targets_B).float().mean(),
-                "acc_t2i": (logits_t2i_BN.argmax(1) == targets_B).float().mean(),
+            positive_BN = groups_B[:, None] == all_groups_N[None, :]
+            rows_B = torch.arange(image_BE.shape[0], device=image_BE.device)
+            metrics = {  # a hit is any positive (an identical caption is not a mistake)
+                "acc_i2t": positive_BN[rows_B, logits_i2t_BN.argmax(1)].float().mean(),
+                "acc_t2i": positive_BN[rows_B, logits_t2i_BN.argmax(1)].float().mean(),
+                "positives_per_row": positive_BN.sum(1).float().mean(),
                 "temperature": self.temperature.detach()[0].clone(),
             }
         return TaskOutput(loss=itc, terms={"itc": itc}, metrics=metrics)
@@ -190,12 +224,12 @@ class LoraTask(nn.Module):
     spare a vocabulary-wide fp32 copy of the logits. M = target positions of the batch.
     """
 
-    def __init__(self, model: nn.Module, space: Any) -> None:
+    def __init__(self, model: nn.Module, space: ImageTokenSpace) -> None:
         super().__init__()
         self.model = model
         self.space = space
 
-    def forward(self, batch: dict[str, torch.Tensor]) -> Any:
+    def forward(self, batch: dict[str, torch.Tensor]) -> TaskOutput:
         logits_BTV = self.model(
             input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False
         ).logits
