@@ -37,6 +37,8 @@ DELEGATED = {
         "Ray Train + DeepSpeed: LoRA-tune an LLM on image/text tokens",
     ),
     "ui": ("jobs.cli:ui_main", "open the MLflow UI on the catalog's tracking store"),
+    "submit": ("jobs.submit", "run a stage or job on a Ray cluster (`seedpipe jobs` lists them)"),
+    "jobs": ("jobs.submit:jobs_main", "submitted Ray jobs: list, `logs ID`, `stop ID`"),
 }
 
 STACK = ("torch", "ray", "deepspeed", "transformers", "peft", "mlflow", "pyarrow", "img2dataset")
