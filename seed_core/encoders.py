@@ -70,6 +70,11 @@ class VisionEncoderConfig:
     """Weights and compute dtype: float32 on CPU; float16/bfloat16 on GPU (SEED runs it in fp16)."""
     seed: int = 0
     """Seed of the random init used when no weights load."""
+    init_std: float = 0.02
+    """Std of that random init (never applied to loaded weights). BERT/CLIP's 0.02, not
+    transformers' BLIP-2 vision default of 1e-10 (BLIP-2 is only ever loaded from weights), whose
+    random tower outputs ~1e-6 features that barely differ between images and are fp16
+    subnormals once cached: a stand-in for real weights must give informative features."""
 
     def __post_init__(self) -> None:
         if self.arch not in ("blip2", "clip"):
@@ -77,6 +82,8 @@ class VisionEncoderConfig:
                 f"VisionEncoderConfig.arch must be 'blip2' or 'clip', got {self.arch!r}"
             )
         _check_tower(self, "VisionEncoderConfig")
+        if not 0.0 < self.init_std <= 1.0:
+            raise ValueError(f"VisionEncoderConfig.init_std must be in (0, 1], got {self.init_std}")
 
     @property
     def num_tokens(self) -> int:
@@ -291,13 +298,21 @@ def _hf_tower_config(model_cls: type, cfg: Any) -> Any:
         intermediate_size=cfg.intermediate_size,
     )  # fmt: skip
     if model_cls is Blip2VisionModel:
-        return Blip2VisionConfig(image_size=cfg.image_size, patch_size=cfg.patch_size, **shape)
+        return Blip2VisionConfig(image_size=cfg.image_size, patch_size=cfg.patch_size,
+                                 initializer_range=cfg.init_std, **shape)  # fmt: skip
     if model_cls is CLIPTextModel:
         return CLIPTextConfig(vocab_size=cfg.vocab_size, max_position_embeddings=cfg.max_text_len,
                               bos_token_id=1, eos_token_id=2, pad_token_id=0, **shape)  # fmt: skip
     projection = getattr(cfg, "projection_dim", cfg.hidden_size)
+    init = (
+        {"initializer_range": cfg.init_std} if hasattr(cfg, "init_std") else {}
+    )  # the vision tower
     return CLIPVisionConfig(
-        image_size=cfg.image_size, patch_size=cfg.patch_size, projection_dim=projection, **shape
+        image_size=cfg.image_size,
+        patch_size=cfg.patch_size,
+        projection_dim=projection,
+        **shape,
+        **init,
     )
 
 

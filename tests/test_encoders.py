@@ -69,6 +69,43 @@ def test_loads_real_weights_from_a_local_directory(tmp_path, tiny):
     assert torch.equal(enc(x), first(x))
 
 
+@pytest.mark.parametrize("preset_name", ["tiny", "small"])
+def test_random_init_features_are_informative_and_survive_fp16(preset_name):
+    """The random stand-in tower gives O(1) patch features that differ between images and survive
+    the fp16 cache (transformers' BLIP-2 vision init of 1e-10 gives ~1e-6 fp16 subnormals)."""
+    import io
+
+    from pipelines.synthetic import make_images
+    from seed_core.presets import get_preset
+
+    cfg = get_preset(preset_name).vision
+    with pytest.warns(RandomInitWarning):
+        enc = load_vision_encoder(cfg)
+    corpus = make_images(24, seed=3, size=cfg.image_size)
+    images = [Image.open(io.BytesIO(b)) for _, b, _ in corpus]
+    patches = enc(preprocess_images(images, image_size=cfg.image_size))[:, 1:]  # (B, P-1, Dv)
+    cached = patches.half()
+    assert patches.std(dim=(1, 2)).min() > 0.1  # fp16's smallest normal is 6.1e-5
+    assert cached.abs().max() < 6e4 and not cached.isinf().any()
+    assert (cached.float() - patches).norm() / patches.norm() < 1e-3
+    flat = torch.nn.functional.normalize(cached.float().flatten(1), dim=-1)
+    cosine = flat @ flat.T
+    captions = [c for _, _, c in corpus]  # equal captions are the same picture here
+    different = torch.tensor([[a != b for b in captions] for a in captions])
+    assert cosine[different].mean() < 0.5 and cosine[different].max() < 0.99
+
+
+def test_init_std_never_touches_loaded_weights(tmp_path, tiny):
+    """init_std only shapes the random fallback: a checkpoint loads bit-identically whatever it says."""
+    with pytest.warns(RandomInitWarning):
+        first = load_vision_encoder(tiny.vision)
+    first.model.save_pretrained(tmp_path / "vit")
+    fields = {**tiny.vision.__dict__, "pretrained": str(tmp_path / "vit"), "init_std": 1e-10}
+    enc = load_vision_encoder(VisionEncoderConfig(**fields))
+    x = torch.randn(2, 3, 32, 32)
+    assert not enc.is_random_init and torch.equal(enc(x), first(x))
+
+
 def test_loads_vision_tower_from_a_full_blip2_checkpoint(tmp_path):
     """A full BLIP-2 retrieval checkpoint directory yields its vision tower."""
     from transformers import Blip2Config, Blip2ForImageTextRetrieval
@@ -122,5 +159,7 @@ def test_config_validation_names_the_field():
         VisionEncoderConfig(image_size=30, patch_size=8)
     with pytest.raises(ValueError, match="dtype"):
         VisionEncoderConfig(dtype="fp8")
+    with pytest.raises(ValueError, match="init_std"):
+        VisionEncoderConfig(init_std=0.0)
     with pytest.raises(ValueError, match="kind"):
         TargetEncoderConfig(kind="clip_audio")
