@@ -37,6 +37,9 @@ DELEGATED = {
         "Ray Train + DeepSpeed: LoRA-tune an LLM on image/text tokens",
     ),
     "ui": ("jobs.cli:ui_main", "open the MLflow UI on the catalog's tracking store"),
+    "evaluate": ("jobs.evaluate", "retrieval, codebook, decoder and LLM metrics on held-out data, beside chance"),
+    "caption": ("jobs.try_model:caption_main", "caption image files with a tokenizer + LoRA LLM"),
+    "generate": ("jobs.try_model:generate_main", "generate image codes for a prompt; show the nearest corpus images"),
     "submit": ("jobs.submit", "run a stage or job on a Ray cluster (`seedpipe jobs` lists them)"),
     "jobs": ("jobs.submit:jobs_main", "submitted Ray jobs: list, `logs ID`, `stop ID`"),
 }

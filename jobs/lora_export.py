@@ -74,7 +74,7 @@ def export_lora(model: Any, tokenizer: Any, space: Any, out: Path, *, config: An
             "num_tokens_per_image": space.num_tokens_per_image, "space": dataclasses.asdict(space),
             "prompts": {"image_to_text": IMAGE_TO_TEXT_PROMPT, "text_to_image": TEXT_TO_IMAGE_PROMPT},
             "max_length": config.max_length, "lora": dataclasses.asdict(config.lora),
-            "tokens": dataclasses.asdict(tokens)}  # fmt: skip
+            "tokens": dataclasses.asdict(tokens), "corpus": config.corpus, "holdout": config.holdout}  # fmt: skip
     (out / EXPORT_META).write_text(json.dumps(meta, indent=2, sort_keys=True))
 
 

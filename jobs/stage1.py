@@ -149,7 +149,7 @@ class Stage1Job(Job[Stage1JobConfig, Stage1Inputs]):
 
             module.qformer.save_pretrained(out)
             text_tok.save_pretrained(out / "text_tokenizer")
-            write_lineage(out, corpus=config.corpus, features=inputs.features)
+            write_lineage(out, corpus=config.corpus, features=inputs.features, holdout=config.holdout, max_text_len=max_len)
 
         return JobParts(task=task, collate=Collate(), export=export, evaluate=evaluate,
                         final_artifacts=lambda module, run_dir: [plot_losses(run_dir)])  # fmt: skip
