@@ -9,8 +9,9 @@ The training loop only sums (`TaskOutput.loss`), steps and logs; one loop serves
   gathered across all ranks when torch.distributed is initialised. With a `caption_group` per
   row (e.g. a hash of the caption text), every in-batch pair of the same group is a positive and
   the target is spread evenly over them, as ALBEF/BLIP spread it over pairs sharing an image id:
-  templated corpora repeat captions inside a batch, and one-hot targets would push identical
-  captions apart as negatives. With unique groups (or none) this is the paper's one-hot ITC.
+  templated corpora repeat captions inside a batch, and one-hot targets count the copies as
+  negatives (rewarding a model for telling them apart by dropout noise). With unique groups (or
+  none) this is the paper's one-hot ITC.
 - `Stage2Task`: the Q-Former is frozen; trains quantizer and decoders with
   5 * VQ + 2 * (1 - cos) reconstruction + 0.5 * MSE generation (SEED-2; v1 uses the MSE to the
   77 x 768 SD text conditioning). Takes patch features (runs the frozen Q-Former) or cached
@@ -69,12 +70,58 @@ def gather_no_grad(x_B: torch.Tensor) -> torch.Tensor:
     return torch.cat(gathered, dim=0)
 
 
-def itc_targets(groups_B: torch.Tensor, all_groups_N: torch.Tensor, smoothing: float) -> torch.Tensor:
+def itc_targets(
+    groups_B: torch.Tensor, all_groups_N: torch.Tensor, smoothing: float
+) -> torch.Tensor:
     """(B, N) soft ITC targets: (1 - smoothing) spread evenly over the same-group columns, plus
     smoothing / N everywhere (torch's label smoothing). One-hot + smoothing when groups are unique."""
     positive_BN = (groups_B[:, None] == all_groups_N[None, :]).float()
     spread_BN = positive_BN / positive_BN.sum(dim=1, keepdim=True)
     return (1.0 - smoothing) * spread_BN + smoothing / all_groups_N.shape[0]
+
+
+def contrastive_loss(
+    image_BE: torch.Tensor,
+    text_BE: torch.Tensor,
+    temperature: torch.Tensor,
+    *,
+    smoothing: float,
+    groups_B: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """(ITC loss, detached metrics) of L2-normalised features against every rank's in-batch rows.
+
+    groups_B (B,) int: rows of equal group are positives of each other; None = every row its own
+    group (one-hot). Mean of the image-to-text and text-to-image soft cross-entropies. Where a
+    group's copies have identical features on one side (a caption's text feature without dropout)
+    the loss equals the one-hot loss, since identical columns can trade their targets; where they
+    differ on both sides (dropout noise, augmented views), one-hot targets reward telling the
+    copies apart and spread targets do not.
+    """
+    all_image_NE, offset = gather_with_grad(image_BE)
+    all_text_NE, _ = gather_with_grad(text_BE)
+    logits_i2t_BN = image_BE @ all_text_NE.t() / temperature
+    logits_t2i_BN = text_BE @ all_image_NE.t() / temperature
+    if groups_B is None:
+        all_groups_N = torch.arange(all_text_NE.shape[0], device=image_BE.device)
+        groups_B = all_groups_N[offset : offset + image_BE.shape[0]]
+    else:
+        groups_B = groups_B.reshape(-1).long()
+        all_groups_N = gather_no_grad(groups_B)
+    # the group relation is symmetric: text i's positive images are image i's positive texts
+    targets_BN = itc_targets(groups_B, all_groups_N, smoothing).to(logits_i2t_BN.dtype)
+    itc = 0.5 * (
+        nn.functional.cross_entropy(logits_i2t_BN, targets_BN)
+        + nn.functional.cross_entropy(logits_t2i_BN, targets_BN)
+    )
+    with torch.no_grad():
+        positive_BN = groups_B[:, None] == all_groups_N[None, :]
+        rows_B = torch.arange(image_BE.shape[0], device=image_BE.device)
+        metrics = {  # a hit is any positive: an identical caption is not a mistake
+            "acc_i2t": positive_BN[rows_B, logits_i2t_BN.argmax(1)].float().mean(),
+            "acc_t2i": positive_BN[rows_B, logits_t2i_BN.argmax(1)].float().mean(),
+            "positives_per_row": positive_BN.sum(1).float().mean(),
+        }
+    return itc, metrics
 
 
 @dataclass(kw_only=True)
@@ -111,34 +158,12 @@ class Stage1Task(nn.Module):
         text_BE = self.qformer.text_feature(
             self.qformer.encode_text(batch["input_ids"], batch["attention_mask"])
         )
-        all_image_NE, offset = gather_with_grad(image_BE)
-        all_text_NE, _ = gather_with_grad(text_BE)
         with torch.no_grad():
             self.temperature.clamp_(0.001, 0.5)  # BLIP-2 keeps the learned temperature in range
-        logits_i2t_BN = image_BE @ all_text_NE.t() / self.temperature
-        logits_t2i_BN = text_BE @ all_image_NE.t() / self.temperature
-        smoothing = self.config.label_smoothing
-        if "caption_group" in batch:
-            groups_B = batch["caption_group"].reshape(-1).long()
-            all_groups_N = gather_no_grad(groups_B)
-        else:  # every row its own group: the paper's one-hot targets
-            all_groups_N = torch.arange(all_text_NE.shape[0], device=image_BE.device)
-            groups_B = all_groups_N[offset : offset + image_BE.shape[0]]
-        # the group relation is symmetric, so text i's positive images are image i's positive texts
-        targets_BN = itc_targets(groups_B, all_groups_N, smoothing).to(logits_i2t_BN.dtype)
-        itc = 0.5 * (
-            nn.functional.cross_entropy(logits_i2t_BN, targets_BN)
-            + nn.functional.cross_entropy(logits_t2i_BN, targets_BN)
-        )
-        with torch.no_grad():
-            positive_BN = groups_B[:, None] == all_groups_N[None, :]
-            rows_B = torch.arange(image_BE.shape[0], device=image_BE.device)
-            metrics = {  # a hit is any positive (an identical caption is not a mistake)
-                "acc_i2t": positive_BN[rows_B, logits_i2t_BN.argmax(1)].float().mean(),
-                "acc_t2i": positive_BN[rows_B, logits_t2i_BN.argmax(1)].float().mean(),
-                "positives_per_row": positive_BN.sum(1).float().mean(),
-                "temperature": self.temperature.detach()[0].clone(),
-            }
+        itc, metrics = contrastive_loss(image_BE, text_BE, self.temperature,
+                                        smoothing=self.config.label_smoothing,
+                                        groups_B=batch.get("caption_group"))  # fmt: skip
+        metrics["temperature"] = self.temperature.detach()[0].clone()
         return TaskOutput(loss=itc, terms={"itc": itc}, metrics=metrics)
 
 
