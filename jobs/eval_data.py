@@ -230,7 +230,8 @@ def run_eval_rows(files: Sequence[str], *, filesystem: Any, fraction: float, spl
     import ray
 
     columns = ["key", "caption", "patch_features", worker_kwargs["target_column"]]
-    ds = ray.data.read_parquet(list(files), filesystem=filesystem, columns=columns)
+    # the projection is pushed down into the read: only these columns are read from the files
+    ds = ray.data.read_parquet(list(files), filesystem=filesystem).select_columns(columns)
     ds = ds.map_batches(
         keep_split, batch_format="pyarrow", fn_kwargs={"fraction": fraction, "split": split}
     )
@@ -240,12 +241,10 @@ def run_eval_rows(files: Sequence[str], *, filesystem: Any, fraction: float, spl
 def run_text_to_image(captions: Sequence[str], *, lora_dir: str, tokenizer_dir: str,
                       resources: Any) -> dict[str, np.ndarray]:  # fmt: skip
     """TextToImageWorker over `captions`, on Ray Data (order not kept: match on the caption column)."""
-    import pyarrow as pa
     import ray
 
-    ds = ray.data.from_arrow(pa.table({"caption": list(captions)}))
-    return _collect(
-        _map(
-            ds, TextToImageWorker, {"lora_dir": lora_dir, "tokenizer_dir": tokenizer_dir}, resources
-        )
-    )
+    # several blocks, so that every actor of the pool gets some of the captions
+    blocks = max(1, min(len(captions), 4 * resources.num_workers))
+    ds = ray.data.from_items([{"caption": c} for c in captions], override_num_blocks=blocks)
+    kwargs = {"lora_dir": lora_dir, "tokenizer_dir": tokenizer_dir}
+    return _collect(_map(ds, TextToImageWorker, kwargs, resources))
