@@ -8,6 +8,7 @@ exports the Q-Former (+ the caption tokenizer it was trained with) and registers
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -134,7 +135,8 @@ class Stage1Job(Job[Stage1JobConfig, Stage1Inputs]):
                 text = text_tok(batch.column("caption").to_pylist(), padding="max_length", truncation=True,
                                 max_length=max_len, return_tensors="pt")  # fmt: skip
                 return {"patch_features": fixed_tensor(batch.column("patch_features"), patch_shape),
-                        "input_ids": text["input_ids"], "attention_mask": text["attention_mask"]}  # fmt: skip
+                        "input_ids": text["input_ids"], "attention_mask": text["attention_mask"],
+                        "caption_group": caption_groups(batch.column("caption").to_pylist())}  # fmt: skip
 
         holdout = load_holdout(inputs.train_files, config.holdout, config.eval_rows,
                                ["key", "caption", "patch_features"])  # fmt: skip
@@ -142,7 +144,13 @@ class Stage1Job(Job[Stage1JobConfig, Stage1Inputs]):
         def evaluate(module: Any) -> dict[str, float]:
             if holdout is None or holdout.num_rows < 2:
                 return {}
-            return itc_retrieval(module.qformer, Collate()(holdout), holdout.column("caption").to_pylist())
+            from jobs.metrics import dedupe_captions, retrieval_chance
+
+            captions = holdout.column("caption").to_pylist()
+            unique, group_I = dedupe_captions(captions)
+            chance = retrieval_chance(group_I, np.arange(len(unique)))  # logged beside each recall
+            recall = itc_retrieval(module.qformer, Collate()(holdout), captions)
+            return recall | {f"{k}_chance": v for k, v in chance.items()}
 
         def export(module: Any, out: Path) -> None:
             from pipelines.models import write_lineage
@@ -153,6 +161,15 @@ class Stage1Job(Job[Stage1JobConfig, Stage1Inputs]):
 
         return JobParts(task=task, collate=Collate(), export=export, evaluate=evaluate,
                         final_artifacts=lambda module, run_dir: [plot_losses(run_dir)])  # fmt: skip
+
+
+def caption_groups(captions: Sequence[str]) -> torch.Tensor:
+    """(B,) int64 ITC group per row: a stable hash of the caption text (the same on every rank and
+    run), so that in-batch rows with an identical caption are each other's positives."""
+    return torch.tensor(
+        [int.from_bytes(hashlib.blake2b(c.encode(), digest_size=8).digest(), "little", signed=True)
+         for c in captions], dtype=torch.long,
+    )  # fmt: skip
 
 
 @torch.no_grad()
