@@ -14,6 +14,12 @@ Rules this module enforces:
   derived shard's digest hashes (input shard digest, stage config digest, model digest); a shard
   whose recorded digest differs from the one it would have now is stale.
 - Planning compares what exists with what should: `N to build, M up to date, K stale, J orphaned`.
+- Nothing on shared storage is trusted because it is there (`scan`): a completion record that is
+  not valid JSON, has unknown keys, names a shard that is not an id (`SHARD_ID`) or a file that is
+  not a bare name of that shard (`00001.parquet`, never `../x` or another shard's file), or whose
+  files are missing or not the recorded size, is not committed; `scan` reports it and planning
+  rebuilds that shard (an output) or reports it unbuildable (an input). Records hold each file's
+  size and sha256 (`commit` computes them); `open_verified` checks the hash while a file is read.
 """
 
 from __future__ import annotations
@@ -22,7 +28,8 @@ import hashlib
 import json
 import re
 import uuid
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -33,6 +40,17 @@ import pyarrow.fs as pafs
 DONE_SUFFIX = ".done.json"
 TMP_MARK = ".tmp-"
 SHARD_ID = re.compile(r"^\d{5,}$")
+_FILE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
+
+
+class RecordError(ValueError):
+    """A completion record that cannot be trusted (unreadable, malformed, or unsafe names)."""
+
+
+class IntegrityError(ValueError):
+    """A committed file whose bytes are not the ones its completion record describes."""
+
+
 STAGES = ("features", "qembeds", "tokens")
 
 
@@ -67,7 +85,7 @@ class DoneRecord:
     digest: str
     """raw: content digest; derived: derived_shard_digest(input, config, model)."""
     files: list[str]
-    """Data files of the shard, relative to its dataset folder."""
+    """Data files of the shard: bare names in its dataset folder, each `<shard>.<suffix>`."""
     rows: int
     """Rows in `files` (raw: successful samples)."""
     input_digest: str = ""
@@ -77,10 +95,40 @@ class DoneRecord:
     """Counted, reported skips by cause (raw: download failures; derived: decode errors...)."""
     extra: dict[str, Any] = field(default_factory=dict)
     created_at: str = field(default_factory=lambda: datetime.now(UTC).isoformat(timespec="seconds"))
+    file_sizes: dict[str, int] = field(default_factory=dict)
+    """Bytes of each file at commit (`Catalog.commit`); planning checks them."""
+    file_sha256: dict[str, str] = field(default_factory=dict)
+    """sha256 of each file at commit; `Catalog.open_verified` checks it while reading."""
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.shard, str) or not SHARD_ID.match(self.shard):
+            raise RecordError(f"shard {self.shard!r} is not a shard id (5+ digits)")
+        if not isinstance(self.files, list) or not all(isinstance(n, str) for n in self.files):
+            raise RecordError(f"shard {self.shard}: files must be a list of names")
+        for name in self.files:
+            if (
+                ".." in name
+                or not _FILE_NAME.fullmatch(name)
+                or not name.startswith(f"{self.shard}.")
+            ):
+                raise RecordError(f"shard {self.shard}: file {name!r} is not a file of this shard")
+        for key, kind in (("stage", str), ("digest", str), ("rows", int), ("failures", dict),
+                          ("extra", dict), ("file_sizes", dict), ("file_sha256", dict)):  # fmt: skip
+            if not isinstance(getattr(self, key), kind):
+                raise RecordError(f"shard {self.shard}: {key} must be a {kind.__name__}")
 
     @classmethod
     def from_json(cls, text: str) -> DoneRecord:
-        return cls(**json.loads(text))
+        """Parse and check a record; RecordError for anything that is not a sound record."""
+        try:
+            obj = json.loads(text)
+            if not isinstance(obj, dict):
+                raise RecordError("not a JSON object")
+            return cls(**obj)
+        except RecordError:
+            raise
+        except (ValueError, TypeError) as err:  # bad JSON, unknown or missing keys
+            raise RecordError(f"unreadable completion record ({err})") from None
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), indent=1, sort_keys=True)
@@ -95,7 +143,9 @@ class Plan:
     up_to_date: list[str] = field(default_factory=list)
     orphaned: list[str] = field(default_factory=list)
     blocked: dict[str, str] = field(default_factory=dict)
-    """Input shards that cannot be built (e.g. a corrupt raw shard) -> reason."""
+    """Input shards that cannot be built (a damaged input record or file) -> reason."""
+    damaged: dict[str, str] = field(default_factory=dict)
+    """Output shards whose record or files failed the checks -> reason (rebuilt, as stale)."""
 
     @property
     def to_build(self) -> list[str]:
@@ -106,21 +156,34 @@ class Plan:
             f"{len(self.to_build)} to build, {len(self.up_to_date)} up to date, "
             f"{len(self.stale)} stale, {len(self.orphaned)} orphaned"
         )
-        return text + (f", {len(self.blocked)} unbuildable" if self.blocked else "")
+        text += f", {len(self.blocked)} unbuildable" if self.blocked else ""
+        return text + (f", {len(self.damaged)} damaged (rebuilt)" if self.damaged else "")
+
+    def problems(self, limit: int = 10) -> list[str]:
+        """One line per unbuildable input and damaged output shard, with why (printed with the
+        summary)."""
+        why = [f"  unbuildable input {s}: {r}" for s, r in sorted(self.blocked.items())]
+        why += [f"  damaged output {s}: {r}" for s, r in sorted(self.damaged.items())]
+        return why[:limit] + ([f"  ... and {len(why) - limit} more"] if len(why) > limit else [])
 
 
-def plan_shards(wanted: Mapping[str, str], existing: Mapping[str, DoneRecord]) -> Plan:
-    """Compare wanted {shard: digest it should have} with the committed records."""
-    plan = Plan()
+def plan_shards(wanted: Mapping[str, str], existing: Mapping[str, DoneRecord], *,
+                damaged: Mapping[str, str] | None = None, blocked: Mapping[str, str] | None = None) -> Plan:  # fmt: skip
+    """Compare wanted {shard: digest it should have} with the committed records.
+
+    `damaged`: output shards whose record or files failed the checks (`Catalog.scan`): rebuilt
+    as stale when wanted. `blocked`: input shards that failed them: not built, reported.
+    """
+    plan = Plan(blocked=dict(blocked or {}), damaged=dict(damaged or {}))
     for sid in sorted(wanted):
         record = existing.get(sid)
         if record is None:
-            plan.missing.append(sid)
+            (plan.stale if sid in plan.damaged else plan.missing).append(sid)
         elif record.digest != wanted[sid]:
             plan.stale.append(sid)
         else:
             plan.up_to_date.append(sid)
-    plan.orphaned = sorted(set(existing) - set(wanted))
+    plan.orphaned = sorted(set(existing) - set(wanted) - set(plan.blocked))
     return plan
 
 
@@ -189,23 +252,69 @@ class Catalog:
         return f"{directory}/{shard}{DONE_SUFFIX}"
 
     def commit(self, directory: str, record: DoneRecord) -> None:
-        """Write a shard's completion record, after its data files are in place."""
+        """Write a shard's completion record, after its data files are in place; the record gets
+        each file's size and sha256."""
         for name in record.files:
-            if not self.exists(f"{directory}/{name}"):
-                raise FileNotFoundError(
-                    f"cannot commit shard {record.shard}: {directory}/{name} is missing"
-                )
+            path = f"{directory}/{name}"
+            if not self.exists(path):
+                raise FileNotFoundError(f"cannot commit shard {record.shard}: {path} is missing")
+            record.file_sizes[name], record.file_sha256[name] = self._size_and_sha256(path)
         self.write_atomic(self.done_path(directory, record.shard), record.to_json().encode())
 
+    def _size_and_sha256(self, path: str) -> tuple[int, str]:
+        h, size = hashlib.sha256(), 0
+        with self.fs.open_input_stream(path) as f:
+            while block := f.read(1 << 22):
+                h.update(block)
+                size += len(block)
+        return size, h.hexdigest()
+
+    def scan(self, directory: str) -> Scan:
+        """The committed shards of a dataset folder that pass the checks (module docstring), and
+        every other completion record with the reason it is not trusted."""
+        infos = self.fs.get_file_info(pafs.FileSelector(directory, allow_not_found=True))
+        sizes = {i.path.rsplit("/", 1)[-1]: i.size for i in infos if i.type == pafs.FileType.File}
+        scan = Scan()
+        for name in sorted(sizes):
+            if not name.endswith(DONE_SUFFIX) or TMP_MARK in name:
+                continue
+            sid = name.removesuffix(DONE_SUFFIX)
+            try:
+                record = DoneRecord.from_json(self.read_text(f"{directory}/{name}"))
+                if record.shard != sid:
+                    raise RecordError(f"{name} describes shard {record.shard!r}")
+            except (RecordError, UnicodeDecodeError) as err:
+                scan.problems[sid] = f"{name} is not a sound completion record: {err}"
+                continue
+            if problem := _file_problem(record, sizes):
+                scan.problems[sid] = problem
+            else:
+                scan.records[sid] = record
+        return scan
+
     def committed(self, directory: str) -> dict[str, DoneRecord]:
-        """{shard: record} of every committed shard in a dataset folder."""
-        records = {}
-        for path in self.list_files(directory):
-            name = path.rsplit("/", 1)[-1]
-            if name.endswith(DONE_SUFFIX) and TMP_MARK not in name:
-                record = DoneRecord.from_json(self.read_text(path))
-                records[record.shard] = record
-        return records
+        """{shard: record} of every committed shard in a dataset folder that passes the checks."""
+        return self.scan(directory).records
+
+    def read_record(self, directory: str, shard: str) -> DoneRecord:
+        """One shard's completion record, checked (RecordError if it is not sound)."""
+        record = DoneRecord.from_json(self.read_text(self.done_path(directory, shard)))
+        if record.shard != shard:
+            raise RecordError(
+                f"{self.done_path(directory, shard)} describes shard {record.shard!r}"
+            )
+        return record
+
+    @contextmanager
+    def open_verified(self, directory: str, shard: str, name: str) -> Iterator[VerifiedReader]:
+        """Open a committed file for streaming; `verify()` (after the last read) raises
+        IntegrityError unless its bytes are the ones the shard's record describes."""
+        record = self.read_record(directory, shard)
+        if name not in record.files:
+            raise RecordError(f"shard {shard}: {name} is not one of its files")
+        with self.fs.open_input_stream(f"{directory}/{name}") as f:
+            yield VerifiedReader(f, f"{directory}/{name}", record.file_sha256.get(name),
+                                 record.file_sizes.get(name))  # fmt: skip
 
     def committed_files(self, directory: str, shards: Iterable[str] | None = None) -> list[str]:
         """Full paths of the data files of committed shards (all, or those in `shards`)."""
@@ -233,11 +342,63 @@ class Catalog:
         return deleted
 
     def uncommit(self, directory: str, shard: str) -> None:
-        """Remove a shard's record and files (before rebuilding a stale shard)."""
-        record = self.committed(directory).get(shard)
-        if record is None:
+        """Remove a shard's record and files (before rebuilding a stale or damaged shard). Only
+        the files of a sound record are deleted (their names are checked bare names of the
+        shard); an unsound record file is just removed."""
+        done = self.done_path(directory, shard)
+        if not self.exists(done):
             return
-        self.fs.delete_file(self.done_path(directory, shard))
-        for name in record.files:
+        try:
+            names = self.read_record(directory, shard).files
+        except (RecordError, UnicodeDecodeError):
+            names = []
+        self.fs.delete_file(done)
+        for name in names:
             if self.exists(f"{directory}/{name}"):
                 self.fs.delete_file(f"{directory}/{name}")
+
+
+@dataclass
+class Scan:
+    """What `Catalog.scan` found in a dataset folder."""
+
+    records: dict[str, DoneRecord] = field(default_factory=dict)
+    """Committed shards that pass the checks."""
+    problems: dict[str, str] = field(default_factory=dict)
+    """Shards with a completion record that does not -> why."""
+
+
+def _file_problem(record: DoneRecord, sizes: Mapping[str, int]) -> str | None:
+    for name in record.files:
+        if name not in sizes:
+            return f"{name} is missing"
+        if name in record.file_sizes and sizes[name] != record.file_sizes[name]:
+            return f"{name} is {sizes[name]} bytes, its record says {record.file_sizes[name]}"
+    return None
+
+
+class VerifiedReader:
+    """A read-only stream that hashes what is read; `verify()` reads the rest and compares."""
+
+    def __init__(self, stream: Any, path: str, sha256: str | None, size: int | None) -> None:
+        self._stream, self.path, self._want, self._size = stream, path, sha256, size
+        self._hash, self.bytes_read = hashlib.sha256(), 0
+
+    def read(self, n: int = -1) -> bytes:
+        data = self._stream.read() if n is None or n < 0 else self._stream.read(n)
+        self._hash.update(data)
+        self.bytes_read += len(data)
+        return data
+
+    def readable(self) -> bool:
+        return True
+
+    def verify(self) -> None:
+        while self.read(1 << 22):
+            pass
+        if self._size is not None and self.bytes_read != self._size:
+            raise IntegrityError(
+                f"{self.path} is {self.bytes_read} bytes, its record says {self._size}"
+            )
+        if self._want is not None and self._hash.hexdigest() != self._want:
+            raise IntegrityError(f"{self.path} changed since it was committed (sha256 differs)")

@@ -91,6 +91,7 @@ def run_stage(catalog: Catalog, *, stage: str, config: StageConfig, plan: Plan, 
     as params over the config's own values, so a param says what the stage really used."""
     corpus, dry_run, resources = config.corpus, config.dry_run, config.resources
     print(f"{stage} plan for {corpus} -> {output_dir}: {plan.summary()}", flush=True)
+    print("".join(f"{line}\n" for line in plan.problems()), end="", flush=True)
     if dry_run or not plan.to_build:
         if not dry_run:
             print(f"{stage}: nothing to do", flush=True)

@@ -60,6 +60,27 @@ def resolve_encoders(encoder: str, feature_set: str = "") -> EncoderSpec:
     )
 
 
+def patch_feature_std(vision: Any) -> float:
+    """The vision encoder's feature scale, recorded in the features' schema metadata: the mean
+    per-image std of its patch tokens on a fixed probe (8 synthetic images), so that near-zero
+    features (a stand-in init of ~1e-10 gives ~1e-6: fp16 subnormals once cached) are visible
+    in every shard and warned about when the worker starts."""
+    import torch
+
+    from pipelines.synthetic import make_images
+    from seed_core.encoders import preprocess_images
+
+    size = vision.config.image_size
+    probe = [decode_image(jpeg)[0] for _, jpeg, _ in make_images(8, seed=0, size=size)]
+    with torch.inference_mode():
+        patches = vision(preprocess_images(probe, image_size=size))[:, 1:].float()
+    std = float(patches.std(dim=(1, 2)).mean())
+    if std < 1e-3:  # fp16 keeps ~3 significant digits only above 6.1e-5
+        warnings.warn(f"vision encoder {vision.source}: patch features of std {std:.2g} "
+                      "barely survive the fp16 cache", stacklevel=2)  # fmt: skip
+    return std
+
+
 def weights_identity(pretrained: str | None, seed: int) -> str:
     """What the workers will load: a digest of a local directory's weight files, or the random init.
 
@@ -123,6 +144,19 @@ def read_raw_tar(fileobj: Any) -> Iterator[dict[str, Any]]:
         yield current
 
 
+def checked_samples(samples: Iterator[dict[str, Any]], raw: Any, expected: int,
+                    failures: dict[str, int]) -> Iterator[dict[str, Any]]:  # fmt: skip
+    """The samples of a raw tar; at its end, the tar must be the bytes its record names
+    (`raw.verify()`, else the shard fails) and rows it lacks count `missing_in_tar`."""
+    seen = 0
+    for sample in samples:
+        seen += 1
+        yield sample
+    raw.verify()
+    if seen < expected:
+        failures["missing_in_tar"] = failures.get("missing_in_tar", 0) + expected - seen
+
+
 def decode_image(data: bytes) -> tuple[np.ndarray | None, str | None]:
     """(HWC uint8 RGB, None) or (None, cause): decode_error for broken/non-images, image_too_large for bombs."""
     from PIL import Image
@@ -166,18 +200,17 @@ class FeaturesShardWorker(ShardWorker):
             target_kind=target_cfg.kind,
             target_shape=target_cfg.output_shape,
             meta={"vision_source": self.vision.source, "vision_random_init": self.vision.is_random_init,
-                  "target_source": self.target.source, "target_random_init": self.target.is_random_init},
+                  "target_source": self.target.source, "target_random_init": self.target.is_random_init,
+                  "patch_feature_std": patch_feature_std(self.vision)},
         )  # fmt: skip
         self.batch_size = batch_size
         self.pool = ThreadPoolExecutor(decode_threads)
 
     def build(self, task: ShardTask) -> tuple[int, dict[str, int]]:
         failures: dict[str, int] = {}
-        raw = self.catalog.fs.open_input_file(f"{task.input_dir}/{task.shard}.tar")
-        with raw:
-            name, rows = self.write_parquet(
-                task, self.schema, self._tables(read_raw_tar(raw), failures)
-            )
+        with self.catalog.open_verified(task.input_dir, task.shard, f"{task.shard}.tar") as raw:
+            samples = checked_samples(read_raw_tar(raw), raw, task.input_rows, failures)
+            name, rows = self.write_parquet(task, self.schema, self._tables(samples, failures))
         self.commit(
             task, [name], rows, failures, extra={"vision_random_init": self.vision.is_random_init}
         )

@@ -49,8 +49,6 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-import pyarrow.parquet as pq
-
 from pipelines.catalog import Catalog, sha256_text
 from pipelines.config import cli_main, parse_command
 from pipelines.download import RESIZE_MODE
@@ -63,6 +61,7 @@ from pipelines.imagecheck import (
     precheck_image,
     sniff_image,
 )
+from pipelines.ingestplan import lost_of_source, refuse_blocked, retry_table, skip_earlier_rows
 from pipelines.netguard import (
     METADATA_HOSTS,
     METADATA_IPS,
@@ -73,7 +72,6 @@ from pipelines.netguard import (
     guarded_create_connection,
     guarded_opener,
     host_refusal,
-    host_refusals,
     literal_ip,
 )
 from pipelines.rawcommit import download_and_commit
@@ -90,9 +88,10 @@ from pipelines.rawcorpus import (
     failure_cause,
     inspect_shard,
     is_retryable,
+    quarantine_lost,
     raw_shard_digest,
+    raw_state,
     read_manifest,
-    sample_outcomes,
 )
 from pipelines.urllists import (
     CAPTION_MAX_CHARS,
@@ -158,6 +157,9 @@ class IngestResult:
     """First shard start to last shard end (img2dataset's stats): the downloads, no start-up."""
     wall_s: float = 0.0
     """Wall time of the img2dataset call, worker start-up included."""
+    lost_shards: dict[str, str] = field(default_factory=dict)
+    """Committed shards found damaged (record, files or parquet) -> why; their rows are downloaded
+    again (a no-op list run is not a no-op then)."""
     exit_code: int = 0
     run_id: str | None = None
 
@@ -243,71 +245,6 @@ class IngestConfig:
                 raise ValueError(f"{name} must be > 0, got {value}")
 
 
-# ==== planning ==================================================================================
-def refuse_blocked(
-    table: UrlTable,
-    *,
-    allow_private_hosts: bool,
-    resolver: Resolver | None = None,
-    threads: int = 16,
-) -> tuple[UrlTable, Counter[str]]:
-    """Drop rows whose host is refused (`blocked_address`); each distinct host is resolved once.
-
-    With `allow_private_hosts` only literals and metadata names can be refused, so nothing is
-    resolved here (the download workers' connection guard still checks every address).
-    """
-    causes = host_refusals(
-        table.url, allow_private_hosts=allow_private_hosts, resolver=resolver, threads=threads
-    )
-    reasons: Counter[str] = Counter(cause for cause in causes if cause)
-    kept = table.subset([cause is None for cause in causes])
-    kept.counts["blocked_address"] += sum(reasons.values())
-    return kept, reasons
-
-
-def _skip_earlier_rows(
-    catalog: Catalog, raw: str, table: UrlTable, *, retry_failed: bool
-) -> UrlTable:
-    """Drop rows this corpus has downloaded (`already_ingested`) or, unless retrying, attempted
-    (`failed_before`)."""
-    success, failed = sample_outcomes(catalog, raw) if catalog.exists(raw) else (set(), {})
-    if not (success or failed):
-        return table
-    # Earlier failures are re-attempted by --retry-failed only (which knows which are transient).
-    seen = [u in success or (not retry_failed and u in failed) for u in table.uid]
-    table.counts["already_ingested"] += sum(u in success for u in table.uid)
-    table.counts["failed_before"] += sum(s and u not in success for s, u in zip(seen, table.uid))
-    return table.subset([not s for s in seen])
-
-
-def _retry_table(
-    catalog: Catalog, raw: str, manifest: dict[str, Any], list_digest: str | None, url_list: Any
-) -> tuple[UrlTable | None, str, list[str]]:
-    """The rows to retry: submitted earlier, not recovered, last failure transient (or shard lost)."""
-    sources = {d: s for d, s in manifest["sources"].items() if s.get("kind") == "list"}
-    if list_digest is not None:
-        if list_digest not in sources:
-            raise ValueError(
-                f"{url_list} was never ingested into this corpus: nothing to retry from"
-            )
-        sources = {list_digest: sources[list_digest]}
-    success, latest = sample_outcomes(catalog, raw)
-    table = UrlTable()
-    for digest in sorted(sources):
-        path = f"{raw}/{SOURCES}/{digest[:16]}.parquet"
-        if not catalog.exists(path):
-            continue
-        rows = UrlTable.from_arrow(pq.read_table(path))
-        for i, uid in enumerate(rows.uid):
-            if uid in success or uid in table:
-                continue
-            if uid in latest and not is_retryable(*latest[uid]):
-                continue
-            table.add_normalized(rows.url[i], rows.caption[i], uid, rows.note[i])
-    table.rows_in = len(table)
-    return (table if len(table) else None), "retry", sorted(sources)
-
-
 # ==== the stage =================================================================================
 def run(config: IngestConfig, *, resolver: Resolver | None = None) -> IngestResult:
     """Ingest a URL list (or retry earlier failures) into the corpus's raw shards.
@@ -339,10 +276,17 @@ def run(config: IngestConfig, *, resolver: Resolver | None = None) -> IngestResu
         )
     result = IngestResult(corpus=corpus, raw_dir=raw, status="", message="")
     list_digest = file_sha256(url_list) if url_list is not None else None
+    # A committed shard that fails its checks is lost: reported, set aside, its rows re-downloaded.
+    state = raw_state(catalog, raw)
+    result.lost_shards = dict(sorted(state.lost.items()))
+    for sid, why in result.lost_shards.items():
+        print(f"lost shard {sid}: {why}; its rows are downloaded again")
+    if state.lost and not config.dry_run:
+        quarantine_lost(catalog, raw, manifest, state.lost)
 
     # ---- what to download -------------------------------------------------------------------
     if config.retry_failed:
-        table, kind, origins = _retry_table(catalog, raw, manifest, list_digest, url_list)
+        table, kind, origins = retry_table(catalog, raw, manifest, state, list_digest, url_list)
         if table is None:
             return _finish_noop(result, f"{corpus}: nothing left to retry")
         source_digest = sha256_text("retry", *sorted(table.uid))
@@ -350,7 +294,13 @@ def run(config: IngestConfig, *, resolver: Resolver | None = None) -> IngestResu
         assert url_list is not None and list_digest is not None
         kind, origins, source_digest = "list", [], list_digest
         known = manifest["sources"].get(list_digest)
-        if known and known.get("allow_private_hosts") == config.allow_private_hosts:
+        lost_here = state.lost.keys() & set((known or {}).get("shards", []))
+        if (
+            known
+            and known.get("allow_private_hosts") == config.allow_private_hosts
+            and not lost_here
+            and not lost_of_source(manifest, list_digest)
+        ):
             shards = known.get("shards", [])
             span = f"shards {shards[0]}-{shards[-1]}" if shards else "no shards"
             hint = " (--retry-failed re-attempts transient failures)" if known.get("failed") else ""
@@ -366,7 +316,7 @@ def run(config: IngestConfig, *, resolver: Resolver | None = None) -> IngestResu
     result.source_digest = source_digest
     result.rows_in = table.rows_in
 
-    table = _skip_earlier_rows(catalog, raw, table, retry_failed=config.retry_failed)
+    table = skip_earlier_rows(state, table, retry_failed=config.retry_failed)
     table, reasons = refuse_blocked(
         table, allow_private_hosts=config.allow_private_hosts, resolver=resolver, threads=16
     )
@@ -460,6 +410,8 @@ def _print_plan(result: IngestResult, url_list: Any, kind: str, num_shards: int,
         print(f"  {cause:<20s} {n}")
     for reason, n in list(result.blocked_reasons.items())[:5]:
         print(f"    refused: {reason} ({n})")
+    if result.lost_shards:
+        print(f"  lost shards          {len(result.lost_shards)}: {', '.join(result.lost_shards)}")
     print(f"  to download          {result.rows_to_download} in {num_shards} shards of <= {sps}")
 
 

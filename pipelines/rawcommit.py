@@ -90,6 +90,9 @@ def download_and_commit(
         source["failed"] += earlier["failed"]
         source["submitted"] += earlier["submitted"]
     manifest["sources"][result.source_digest] = source
+    for lost in manifest.get("lost_shards", {}).values():  # their rows were candidates this run
+        if kind == "retry" or lost.get("source") == result.source_digest:
+            lost["rebuilt"] = True
     manifest["settings"] = settings
     manifest["corpus"] = result.corpus
     write_manifest(catalog, raw, manifest)

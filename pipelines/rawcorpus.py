@@ -14,6 +14,10 @@ Design choices:
   download order, and the corpus digest is `catalog.dataset_digest` of the committed shards.
 - Shard ids are never reused: an id whose shard failed stays taken (its files are in `_failed/`),
   so the manifest's record of it stays true.
+- A committed shard that no longer passes the checks (its record unsound, a file missing or
+  resized, its parquet unreadable: `raw_state`) is *lost*: reported, moved to `_failed/`, noted in
+  the manifest's `lost_shards`; the next run of its list (or `--retry-failed`) downloads its rows
+  again into a new shard, and nothing else is blocked.
 - Failure causes (per sample, from img2dataset's `status`/`error_message`): `http_404`,
   `http_4xx`, `http_5xx`, `redirect_loop` (a loop or over 10 hops), `timeout` (one socket
   operation, or the whole URL past its deadline: `pipelines.fetch`), `too_large` (over the byte
@@ -98,13 +102,28 @@ def is_retryable(status: str | None, error_message: str | None) -> bool:
     return cause == "timeout" or cause.startswith("other_error:")
 
 
-def sample_outcomes(catalog: Catalog, raw: str) -> tuple[set[str], dict[str, tuple[str, str]]]:
+def sample_outcomes(
+    catalog: Catalog,
+    raw: str,
+    records: dict[str, Any] | None = None,
+    lost: dict[str, str] | None = None,
+) -> tuple[set[str], dict[str, tuple[str, str]]]:
     """uids downloaded successfully in committed shards, and each other uid's latest failure
-    as (status, error_message)."""
+    as (status, error_message). With `lost`, a shard whose parquet cannot be read is added to it
+    (and skipped) instead of raising."""
     success: set[str] = set()
     latest: dict[str, tuple[str, str]] = {}
-    for sid in sorted(catalog.committed(raw)):
-        t = pq.read_table(f"{raw}/{sid}.parquet", columns=["uid", "status", "error_message"])
+    records = catalog.committed(raw) if records is None else records
+    for sid in sorted(records):
+        if f"{sid}.parquet" not in records[sid].files:
+            continue  # a shard made without img2dataset (tests' fixtures): no per-sample rows
+        try:
+            t = pq.read_table(f"{raw}/{sid}.parquet", columns=["uid", "status", "error_message"])
+        except Exception as err:  # noqa: BLE001 - unreadable for whatever reason: the same loss
+            if lost is None:
+                raise
+            lost[sid] = f"{sid}.parquet is unreadable ({str(err)[:200]})"
+            continue
         for uid, status, msg in zip(
             *(t.column(c).to_pylist() for c in ("uid", "status", "error_message"))
         ):
@@ -114,6 +133,47 @@ def sample_outcomes(catalog: Catalog, raw: str) -> tuple[set[str], dict[str, tup
             elif uid not in success:
                 latest[uid] = (status, msg)
     return success, latest
+
+
+@dataclass
+class RawState:
+    """The raw corpus as ingest finds it: sound shards, lost shards, per-sample outcomes."""
+
+    records: dict[str, Any]
+    lost: dict[str, str]
+    """Committed shards that cannot be trusted (`Catalog.scan`) or read -> why."""
+    success: set[str]
+    latest: dict[str, tuple[str, str]]
+
+
+def raw_state(catalog: Catalog, raw: str) -> RawState:
+    """Check every committed raw shard (record, file sizes, parquet) and read the outcomes of
+    the sound ones."""
+    scan = catalog.scan(raw)
+    lost = dict(scan.problems)
+    success, latest = sample_outcomes(catalog, raw, scan.records, lost)
+    records = {sid: r for sid, r in scan.records.items() if sid not in lost}
+    return RawState(records=records, lost=lost, success=success, latest=latest)
+
+
+def quarantine_lost(
+    catalog: Catalog, raw: str, manifest: dict[str, Any], lost: dict[str, str]
+) -> None:
+    """Move the files of lost shards (record included) to raw/_failed/ and note them in the
+    manifest's `lost_shards` (ids stay taken; their rows are downloaded again by the next run of
+    their list, or by --retry-failed)."""
+    if not lost:
+        return
+    catalog.fs.create_dir(f"{raw}/{FAILED}", recursive=True)
+    for path in catalog.list_files(raw):
+        name = path.rsplit("/", 1)[-1]
+        if _shard_id_of(name) in lost:
+            catalog.fs.move(path, f"{raw}/{FAILED}/{name}")
+    notes = manifest.setdefault("lost_shards", {})
+    for sid, why in lost.items():
+        source = manifest["shards"].get(sid, {}).get("source")
+        notes[sid] = {"reason": why, "source": source, "rebuilt": False}
+    write_manifest(catalog, raw, manifest)
 
 
 # ---- shards --------------------------------------------------------------------------------------
@@ -219,7 +279,9 @@ def sweep_leftovers(catalog: Catalog, raw: str) -> None:
 def next_shard_id(catalog: Catalog, raw: str) -> int:
     """The first shard id after every committed shard and every shard that ever failed."""
     used = [int(s) for s in catalog.committed(raw)]
-    for src in read_manifest(catalog, raw)["sources"].values():
+    manifest = read_manifest(catalog, raw)
+    used += [int(s) for s in manifest.get("lost_shards", {})]
+    for src in manifest["sources"].values():
         used += [int(s) for s in src.get("failed_shards", {})]
     return max(used, default=-1) + 1
 
@@ -229,7 +291,14 @@ def read_manifest(catalog: Catalog, raw: str) -> dict[str, Any]:
     path = f"{raw}/{MANIFEST}"
     if not catalog.exists(path):
         return {"format": 1, "shards": {}, "sources": {}}
-    return json.loads(catalog.read_text(path))
+    try:
+        manifest = json.loads(catalog.read_text(path))
+    except (ValueError, UnicodeDecodeError) as err:
+        raise ValueError(f"{path} is not readable JSON ({err}): restore or remove it") from None
+    if not isinstance(manifest, dict) or not isinstance(manifest.get("sources"), dict):
+        raise ValueError(f"{path} is not a seedpipe raw manifest: restore or remove it")
+    manifest.setdefault("shards", {})
+    return manifest
 
 
 def write_manifest(catalog: Catalog, raw: str, manifest: dict[str, Any]) -> None:

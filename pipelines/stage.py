@@ -83,6 +83,11 @@ class StageResult:
     seconds: float = 0.0
     dataset_digest: str = ""
 
+    def __post_init__(self) -> None:
+        # An input shard the plan could not trust (catalog.scan) is a shard this run failed to build.
+        blocked = {sid: f"input not usable: {why}" for sid, why in self.plan.blocked.items()}
+        self.failed_shards = blocked | self.failed_shards
+
     @property
     def ok(self) -> bool:
         return not self.failed_shards
@@ -91,7 +96,7 @@ class StageResult:
         rate = self.rows_out / self.seconds if self.seconds else 0.0
         lines = [
             f"{self.stage} summary",
-            f"  shards built     {len(self.plan.to_build) - len(self.failed_shards)} / {len(self.plan.to_build)}",
+            f"  shards built     {len(self.plan.to_build) - len(self.failed_shards.keys() - self.plan.blocked.keys())} / {len(self.plan.to_build)}",
             f"  rows in / out    {self.rows_in} / {self.rows_out}",
             f"  images/s         {rate:.1f}",
             f"  wall time        {self.seconds:.1f} s",
@@ -104,12 +109,16 @@ class StageResult:
 def plan_stage(catalog: Catalog, *, input_dir: str, output_dir: str, config_digest: str, model_digest: str,
                input_shards: Mapping[str, DoneRecord] | None = None) -> tuple[Plan, list[ShardTask]]:  # fmt: skip
     """Plan a derived stage from its input dataset's committed shards."""
-    inputs = dict(input_shards) if input_shards is not None else catalog.committed(input_dir)
+    scanned = catalog.scan(input_dir) if input_shards is None else None
+    inputs = dict(input_shards) if scanned is None else scanned.records
     wanted = {
         sid: derived_shard_digest(r.digest, config_digest, model_digest)
         for sid, r in inputs.items()
     }
-    plan = plan_shards(wanted, catalog.committed(output_dir))
+    # Damaged outputs are rebuilt; damaged inputs are reported and fail their shard (StageResult).
+    outputs = catalog.scan(output_dir)
+    plan = plan_shards(wanted, outputs.records, damaged=outputs.problems,
+                       blocked=scanned.problems if scanned else None)  # fmt: skip
     tasks = [
         ShardTask(
             shard=sid,
