@@ -283,7 +283,8 @@ def _export(tracker: RunTracker, model_dir: Path, *, kind: str, registered_name:
     tags = identity | {"model_id": logged.model_id}
     tags |= {tag_key("input", d["name"]): d["digest"] for d in datasets}
     mv = client.create_model_version(registered_name, source=logged.artifact_location,
-                                     run_id=run_id, tags=tags, model_id=logged.model_id)  # fmt: skip
+                                     run_id=run_id, tags=tags, model_id=logged.model_id,
+                                     description=_lineage_description(tracker, run))  # fmt: skip
     if metrics:
         evals = [d for d in datasets if d.get("context") == "eval"]
         link = (
@@ -301,6 +302,19 @@ def _export(tracker: RunTracker, model_dir: Path, *, kind: str, registered_name:
         tracker.flush(timeout_s=request_timeout_s())
     return ModelVersionInfo(registered_name, str(mv.version), f"models:/{registered_name}/{mv.version}",
                             logged.model_id, digest, run_id)  # fmt: skip
+
+
+def _lineage_description(tracker: RunTracker, run: Any) -> str | None:
+    """The version's description: its lineage in one paragraph (`jobs.lineage.describe_run`), or
+    None when it cannot be worked out (a description is never worth failing an export over)."""
+    try:
+        from jobs.lineage import describe_run
+
+        experiment = tracker.client.get_experiment(run.info.experiment_id).name
+        return describe_run(tracker.client, tracker.tracking_uri, experiment, run.info.run_id)[:5000]
+    except Exception:  # noqa: BLE001 - see the docstring
+        logger.warning("no lineage description for the model of run %s", run.info.run_id, exc_info=True)
+        return None
 
 
 def _export_retrying(tracker: RunTracker, model_dir: Path, *, wait_s: float, **kwargs: Any,

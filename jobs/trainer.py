@@ -288,11 +288,16 @@ def _open_tracker(spec: WorkerSpec[Any, Any], ctx: RunContext) -> Any:
     import dataclasses
 
     from pipelines.tracking import RunTracker, flatten
+    from pipelines.tracking.run_tags import job_run_name, job_run_tags
 
+    params = flatten(dataclasses.asdict(spec.config))
     tags = {"job": spec.job.name, "stage": spec.job.name, "corpus": spec.config.corpus,
-            "code_version": ctx.code_version}  # fmt: skip
-    tracker = RunTracker(run_dir=ctx.run_dir, run_name=ctx.run_name, tracking_uri=ctx.tracking_uri, tags=tags)
-    tracker.log_params(flatten(dataclasses.asdict(spec.config)))
+            "code_version": ctx.code_version, "run_folder": ctx.run_name,
+            **job_run_tags(spec.config, spec.input_datasets)}  # fmt: skip
+    name = job_run_name(job=spec.job.name, corpus=spec.config.corpus, folder=ctx.run_name, params=params,
+                        input_digests=[d.digest for d in spec.input_datasets])  # fmt: skip
+    tracker = RunTracker(run_dir=ctx.run_dir, run_name=name, tracking_uri=ctx.tracking_uri, tags=tags)
+    tracker.log_params(params)
     for ds in spec.input_datasets:
         tracker.log_dataset(**ds.as_kwargs())
     return tracker

@@ -100,15 +100,20 @@ def run_stage(catalog: Catalog, *, stage: str, config: StageConfig, plan: Plan, 
             sync_pending(catalog)
         return StageResult(stage=stage, plan=plan, output_dir=output_dir)
     from pipelines.tracking import stage_run
+    from pipelines.tracking.run_tags import stage_run_name, stage_run_tags
 
     ensure_ray(config.address)
+    source = dataset_ref(catalog, input_dir, "input")
+    name = stage_run_name(stage, corpus, output_dir.rsplit("/", 1)[-1], source.digest)
     with stage_run(
-        catalog, stage=stage, corpus=corpus, config=dataclasses.asdict(config) | resolved
+        catalog, stage=stage, corpus=corpus, config=dataclasses.asdict(config) | resolved, run_name=name
     ) as run:
-        run.log_dataset(**dataset_ref(catalog, input_dir, "input").as_kwargs())
+        run.log_dataset(**source.as_kwargs())
         result = execute(catalog, stage=stage, plan=plan, tasks=tasks, worker_cls=worker_cls,
                          worker_kwargs=worker_kwargs, resources=resources, output_dir=output_dir)  # fmt: skip
-        run.log_dataset(**dataset_ref(catalog, output_dir, "output").as_kwargs())
+        made = dataset_ref(catalog, output_dir, "output")
+        run.log_dataset(**made.as_kwargs())
+        run.tracker.set_tags(stage_run_tags(stage, resolved, input_digest=source.digest, output_digest=made.digest))
         rate = result.rows_out / result.seconds if result.seconds else 0.0
         run.log_metrics({"rows_in": result.rows_in, "rows_out": result.rows_out, "images_per_s": rate,
                          "shards_built": len(plan.to_build) - len(result.failed_shards),
