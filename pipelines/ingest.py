@@ -27,8 +27,10 @@ same `allow_private_hosts`) is a no-op; a new list extends the corpus with new s
 that an earlier run downloaded or attempted are skipped); `retry_failed` re-attempts the samples
 whose latest attempt failed for a transient reason (timeout, 5xx, 408/429, connection errors, lost
 shards) and that no shard has recovered since, into new shards; with nothing left to retry it is a
-no-op. Permanent failures (404, other 4xx, not an image, truncated, bomb, too large) are not
-retried.
+no-op. Permanent failures (404, other 4xx, redirect loops, not an image, truncated, bomb, too
+large) are not retried. A committed shard found damaged (unsound record, a file missing or
+resized, an unreadable parquet: `rawcorpus.raw_state`) is reported as lost and set aside; the
+next run of its list is then no no-op: it downloads just that shard's rows again.
 
 Design choices:
 - One ingest per corpus at a time (there is no lock). Call `run` from the main thread of a program
