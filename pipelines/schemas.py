@@ -6,7 +6,9 @@
 - qembeds: key, sha256, caption, causal_embeds fixed_size_list<float16>[Q*D] (+ the target).
 - tokens: key, sha256, caption, codes fixed_size_list<int16>[32].
 Shapes and provenance (encoder ids and digests, dtype) travel in the schema metadata under
-`seedpipe.*` keys; `check_table` verifies columns, types and the declared shapes.
+`seedpipe.*` keys; `check_table` verifies columns, types and the declared shapes. Features also
+record `seedpipe.patch_feature_std`, the vision encoder's feature scale on a fixed probe (~1 for a
+working ViT; ~1e-6 means fp16 subnormals and nothing for stage 1 to learn from).
 """
 
 from __future__ import annotations
