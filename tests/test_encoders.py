@@ -163,3 +163,15 @@ def test_config_validation_names_the_field():
         VisionEncoderConfig(init_std=0.0)
     with pytest.raises(ValueError, match="kind"):
         TargetEncoderConfig(kind="clip_audio")
+
+
+def test_golden_random_vision_tower_tiny_seed0():
+    """The tiny preset's random vision tower (seed 0, init_std 0.02) reproduces the committed
+    feature statistics: a change to the stand-in init must be meant, and regenerate the fixture."""
+    import json
+
+    from tests.golden.make_golden import FIXTURE, compute
+
+    golden, now = json.loads(FIXTURE.read_text()), compute()
+    for key in ("vision_patch_std", "vision_patch_abs_sum"):
+        assert now[key] == pytest.approx(golden[key], rel=1e-5), key

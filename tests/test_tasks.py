@@ -218,3 +218,13 @@ def test_stage1_gathers_negatives_across_ranks(tiny, patch_features):
         single_grouped.loss.item(), rel=1e-5
     )
     assert results[0][3] == results[1][3] == pytest.approx(1.5)  # rows 0 and 2 found each other
+
+
+def test_golden_grouped_itc_tiny_seed0():
+    """Stage-1 ITC with caption groups on the tiny preset at seed 0 matches the committed fixture."""
+    import json
+
+    from tests.golden.make_golden import FIXTURE, compute
+
+    golden = json.loads(FIXTURE.read_text())
+    assert compute()["stage1_itc_grouped"] == pytest.approx(golden["stage1_itc_grouped"], rel=1e-5)
