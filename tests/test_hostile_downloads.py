@@ -197,6 +197,21 @@ def test_worker_download_is_bounded(armed_worker, path, cause, max_s):
         assert sent < 8 << 20  # the connection was dropped soon after the 1 MB cap
 
 
+def test_failure_causes_of_bounded_downloads():
+    """The bounded fetch's messages and urllib's redirect-loop error map to their own permanent
+    or transient causes."""
+    fc, retryable = ingest.failure_cause, ingest.is_retryable
+    loop = (
+        "HTTP Error 302: The HTTP server returned a redirect error that would lead to an infinite "
+        "loop.\nThe last 30x error message was:\nFound"
+    )
+    assert fc("failed_to_download", loop) == "redirect_loop" and not retryable("x", loop)
+    too_large = "too large: Content-Length 41943040 > max_image_bytes 20000000"
+    assert fc("failed_to_download", too_large) == "too_large" and not retryable("x", too_large)
+    deadline = "timed out: no complete response within the 60 s deadline"
+    assert fc("failed_to_download", deadline) == "timeout" and retryable("x", deadline)
+
+
 @pytest.mark.parametrize(("width", "height"), [(600, 1), (1, 3000), (60000, 1)])
 def test_thin_images_refused_before_resize(width, height):
     """A thin image whose centre-crop resize would need more than the pixel budget (aspect ratio x

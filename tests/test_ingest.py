@@ -534,18 +534,3 @@ def test_ingest_config_grammar(tmp_path, capsys):
     assert "corpus is required" in capsys.readouterr().err
     with pytest.raises(ValueError, match="url_list is required"):
         ingest.IngestConfig(corpus="c")
-
-
-def test_failure_causes_of_bounded_downloads():
-    """The bounded fetch's messages and urllib's redirect-loop error map to their own permanent
-    or transient causes."""
-    fc, retryable = ingest.failure_cause, ingest.is_retryable
-    loop = (
-        "HTTP Error 302: The HTTP server returned a redirect error that would lead to an infinite "
-        "loop.\nThe last 30x error message was:\nFound"
-    )
-    assert fc("failed_to_download", loop) == "redirect_loop" and not retryable("x", loop)
-    too_large = "too large: Content-Length 41943040 > max_image_bytes 20000000"
-    assert fc("failed_to_download", too_large) == "too_large" and not retryable("x", too_large)
-    deadline = "timed out: no complete response within the 60 s deadline"
-    assert fc("failed_to_download", deadline) == "timeout" and retryable("x", deadline)
