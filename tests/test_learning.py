@@ -114,6 +114,45 @@ def train_stage1(*, num_images: int = NUM_IMAGES, holdout: int = HOLDOUT, batch_
     }  # fmt: skip
 
 
+class CaptionOracle(torch.nn.Module):
+    """A stand-in Q-Former whose image feature is exactly its caption's text feature."""
+
+    def __init__(self, table_VE: torch.Tensor) -> None:
+        super().__init__()
+        self.table_VE = table_VE
+
+    def forward(self, patch_features):  # the "queries" are the features themselves
+        return patch_features
+
+    def image_feature(self, queries_BQD):
+        return torch.nn.functional.normalize(queries_BQD[:, -1], dim=-1)
+
+    def encode_text(self, input_ids_BT, attention_mask_BT):
+        return self.table_VE[input_ids_BT]
+
+    def text_feature(self, text_BTD):
+        return torch.nn.functional.normalize(text_BTD[:, 0], dim=-1)
+
+
+def test_in_job_retrieval_is_many_to_many():
+    """`itc_retrieval` (the stage-1 job's eval) gives a perfect aligner R@1 = 1 on a corpus that
+    repeats each caption 4 times; a one-to-one ground truth would cap it near 1/4."""
+    from jobs.metrics import dedupe_captions, retrieval_chance
+    from jobs.stage1 import itc_retrieval
+
+    captions = [f"caption {i % 5}" for i in range(20)]
+    ids_B = torch.tensor([i % 5 for i in range(20)])
+    table_VE = torch.nn.functional.normalize(
+        torch.randn(5, 8, generator=torch.Generator().manual_seed(0)), dim=-1
+    )
+    batch = {"patch_features": table_VE[ids_B][:, None, :].expand(-1, 3, -1),
+             "input_ids": ids_B[:, None], "attention_mask": torch.ones(20, 1, dtype=torch.long)}  # fmt: skip
+    recall = itc_retrieval(CaptionOracle(table_VE), batch, captions)
+    assert recall["i2t_r1"] == recall["t2i_r1"] == 1.0
+    unique, group_I = dedupe_captions(captions)
+    assert retrieval_chance(group_I, np.arange(len(unique)))["i2t_r1"] == pytest.approx(1 / 5)
+
+
 @pytest.mark.slow
 @pytest.mark.timeout(180)
 def test_stage1_learns_the_shapes_corpus():
