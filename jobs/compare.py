@@ -39,7 +39,9 @@ from pipelines.tracking.run_tags import is_bookkeeping
 SHORT = 12
 MAX_PANELS = 8
 _LOWER = re.compile(r"(loss|mse|^(eval/)?(itc|vq|recon|gen)$|dead_codes|failed)")
-_NO_BEST = re.compile(r"(^lr$|temperature|_per_s$|rows|target_tokens|shards|_s$|^successes$|^new_)")
+_NO_BEST = re.compile(
+    r"(^lr$|temperature|_per_s$|rows|target_tokens|shards|_s$|^successes$|^new_|chance)"
+)
 _VALUE_FLAGS = ("--root", "--experiment", "--stage", "--corpus", "--last", "--out", "--config")
 
 
@@ -282,13 +284,14 @@ def format_markdown(c: Compared) -> str:
 
 
 def plot(c: Compared, path: Path) -> Path:
-    """One panel per curve (loss first, then eval metrics, then the rest), every run on each."""
+    """One panel per curve (loss first, then eval metrics, then the rest), every run on each, a
+    metric's chance level (`<name>_chance`, when logged) dotted on its panel."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    keys = [k for k in c.history if any(c.history[k])]
+    keys = [k for k in c.history if any(c.history[k]) and "chance" not in k]
     order = sorted(
         keys, key=lambda k: (k != "loss", not k.startswith("eval/"), direction(k) is None, k)
     )
@@ -302,9 +305,11 @@ def plot(c: Compared, path: Path) -> Path:
         for i, series in enumerate(c.history[key]):
             if series:
                 steps, values = zip(*series, strict=True)
-                ax.plot(
-                    steps, values, color=f"C{i}", marker="o" if len(series) < 20 else None, ms=3
-                )
+                marker = "o" if len(series) < 20 else None
+                ax.plot(steps, values, color=f"C{i}", marker=marker, ms=3)
+        for i, series in enumerate(c.history.get(f"{key}_chance", [])):  # chance level, dotted
+            if series:
+                ax.plot(*zip(*series, strict=True), color=f"C{i}", ls=":", lw=1)
         ax.set_title(key, fontsize=9)
         ax.set_xlabel("step", fontsize=8)
     if not keys:
