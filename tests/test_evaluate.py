@@ -33,6 +33,9 @@ LLM_METRICS = {"caption_bleu4", "caption_cider", "caption_exact", "t2i_valid_fra
                "t2i_r1", "t2i_r5"}  # fmt: skip
 CHANCE = {*RETRIEVAL, "t2i_r1", "t2i_r5"}
 RECALLS = CHANCE
+# pytest-timeout counts fixture setup: the first test to use `cli_chain` also builds it (7 steps, on
+# a loaded 2-core machine about 20 minutes)
+CHAIN_TIMEOUT_S = 3000
 
 
 def fake_rows(captions: list[str], *, num_codes: int = 16, seed: int = 0) -> dict[str, np.ndarray]:
@@ -199,7 +202,7 @@ def split_groups(chain, fraction: float) -> tuple[list[str], np.ndarray, int]:
 
 
 @pytest.mark.slow
-@pytest.mark.timeout(1500)
+@pytest.mark.timeout(CHAIN_TIMEOUT_S)
 def test_evaluate_console_script_writes_every_metric_beside_chance(cli_chain, tmp_path):
     """`seedpipe evaluate --lora ... --json` as a user runs it: exit 0, a printed table, and a JSON with
     every named metric, recalls in [0, 1], chance computed for the held-out split the jobs used,
@@ -244,6 +247,7 @@ def test_evaluate_console_script_writes_every_metric_beside_chance(cli_chain, tm
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(CHAIN_TIMEOUT_S)
 def test_evaluate_split_shares_no_key_with_any_training_split(cli_chain, mlflow_env):
     """The split evaluate resolves for the chain's models holds out the fraction their training runs
     used, and none of its keys is in any model's training rows."""
@@ -261,7 +265,7 @@ def test_evaluate_split_shares_no_key_with_any_training_split(cli_chain, mlflow_
 
 
 @pytest.mark.slow
-@pytest.mark.timeout(900)
+@pytest.mark.timeout(CHAIN_TIMEOUT_S)
 def test_evaluate_all_rows_without_lora_in_process(
     cli_chain, ray_session, mlflow_env, tmp_path, capsys
 ):
@@ -282,6 +286,7 @@ def test_evaluate_all_rows_without_lora_in_process(
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(CHAIN_TIMEOUT_S)
 @pytest.mark.parametrize(("argv", "message"), [
     (["--tokenizer", "models:/no-such-tokenizer/1"], "models:/no-such-tokenizer/1: not found in the tracking store"),
     (["--tokenizer", "models:/seed-tokenizer-stage1/1"], "not a SeedTokenizer export"),

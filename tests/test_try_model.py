@@ -14,7 +14,8 @@ from PIL import Image
 from pipelines.synthetic import make_images
 from tests.chain import CORPUS, seedpipe_exe, user_env
 
-pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
+# the timeout counts fixture setup: the first test to use `cli_chain` also builds it
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(3000)]
 
 
 def seedpipe(chain, *argv: str) -> subprocess.CompletedProcess:
