@@ -90,6 +90,9 @@ class SubmitConfig:
     """Stream the job's logs until it ends and exit with its status (--no-wait: print the id, return)."""
     name: str = ""
     """Prefix of the submission id and the job's metadata name (default: the command)."""
+    entrypoint_num_cpus: float = 0.0
+    """CPUs reserved for the command's own process (ingest's img2dataset processes run there); >0
+    also places it on a node that has them (a KubeRay head offers none)."""
 
 
 @dataclass(kw_only=True)
@@ -413,7 +416,7 @@ def client(address: str | None) -> Any:
                          "(start a cluster, see cluster/README.md, or pass --address http://HEAD:8265)") from None  # fmt: skip
 
 
-def submit(submission: Submission, address: str | None) -> str:
+def submit(submission: Submission, address: str | None, *, entrypoint_num_cpus: float = 0.0) -> str:
     """Submit; returns the submission id. Retries the job server's 'no agent yet' for a minute
     (a head that just started)."""
     if "working_dir" in submission.runtime_env:
@@ -425,7 +428,8 @@ def submit(submission: Submission, address: str | None) -> str:
     while True:
         try:
             return jobs_client.submit_job(entrypoint=submission.entrypoint, submission_id=submission.submission_id,
-                                          runtime_env=submission.runtime_env, metadata=submission.metadata)  # fmt: skip
+                                          runtime_env=submission.runtime_env, metadata=submission.metadata,
+                                          entrypoint_num_cpus=entrypoint_num_cpus or None)  # fmt: skip
         except RuntimeError as err:
             if "No available agent" not in str(err) or time.monotonic() > deadline:
                 raise
@@ -488,8 +492,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         if any(w in ("-h", "--help") for w in own):
             print(f"usage: {usage}\n\n{main.__doc__}\n")
             for f in dataclasses.fields(SubmitConfig):
-                flag = "--wait | --no-wait" if f.name == "wait" else f"--{f.name} {f.name.upper()}"
-                print(f"  {flag:20s} {field_docs(SubmitConfig).get(f.name, '')}")
+                flag = "--wait | --no-wait" if f.name == "wait" else "--" + f.name.replace("_", "-")
+                print(f"  {flag:22s} {field_docs(SubmitConfig).get(f.name, '')}")
             print("\nEvery other word goes to the command (`seedpipe COMMAND --help` lists its options);"
                   "\nwords after a literal -- are never read as submit's own.")  # fmt: skip
             return 0
@@ -498,12 +502,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         SubmitConfig, own, prog="seedpipe submit", description=main.__doc__ or ""
     )
     submission = build_submission(rest[0], rest[1:], name=config.name)
-    submission_id = submit(submission, config.address)
+    submission_id = submit(
+        submission, config.address, entrypoint_num_cpus=config.entrypoint_num_cpus
+    )
     print(f"submitted {submission_id}: {submission.entrypoint}", flush=True)
     if submission.root is not None:
-        print(f"  catalog root {submission.root} (the same path or URI must reach every node); tracking "
-              f"{submission.runtime_env['env_vars'].get('MLFLOW_TRACKING_URI') or 'the embedded store under the root'}",
-              flush=True)  # fmt: skip
+        tracking = submission.runtime_env["env_vars"].get("MLFLOW_TRACKING_URI") or (
+            "the cluster's MLFLOW_TRACKING_URI, else the embedded store under the root"
+        )
+        print(f"  catalog root {submission.root} (the same path or URI must reach every node); "
+              f"tracking {tracking}", flush=True)  # fmt: skip
     address = f" --address {config.address}" if config.address else ""
     if not config.wait:
         print(f"  follow: seedpipe jobs logs {submission_id} --follow{address}\n"
