@@ -17,7 +17,7 @@ from mlflow import MlflowClient
 from jobs.config import CONFIG_DIR
 from tests.chain import CORPUS, seedpipe_exe, user_env
 
-pytestmark = [pytest.mark.slow, pytest.mark.timeout(1200)]
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(2400)]
 
 
 def seedpipe(chain, *argv: str, timeout: float = 300) -> subprocess.CompletedProcess:

@@ -26,7 +26,7 @@ from seed_core.qformer import CausalQFormer
 from seed_core.tokenizer import SeedTokenizer
 from tests.chain import CORPUS
 
-pytestmark = [pytest.mark.slow, pytest.mark.timeout(1200)]
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(2400)]
 
 
 @pytest.fixture(scope="module")

@@ -24,7 +24,7 @@ from tests.chain import CORPUS
 from tests.mlflow_server import MlflowServer
 from tests.process_tree import kill_driver_and_ray
 
-pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(2400)]  # the session chain may build here
 REPO = Path(__file__).resolve().parents[1]
 STAGE1 = str(CONFIG_DIR / "tiny_stage1.yaml")
 

@@ -11,7 +11,7 @@ from pipelines.catalog import Catalog
 from tests.lineage_helpers import copy_chain, seedpipe
 from tests.raw_fixture import COLORS, jpeg, make_raw_corpus, write_raw_shard
 
-pytestmark = [pytest.mark.slow, pytest.mark.timeout(1200)]
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(2400)]
 
 
 def _status(root, capsys) -> dict:
