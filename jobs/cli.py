@@ -37,6 +37,7 @@ DELEGATED = {
         "Ray Train + DeepSpeed: LoRA-tune an LLM on image/text tokens",
     ),
     "ui": ("jobs.cli:ui_main", "open the MLflow UI on the catalog's tracking store"),
+    "demo": ("jobs.demo", "the whole pipeline on a synthetic corpus, CPU only, offline: the results table"),
     "lineage": ("jobs.lineage", "where a run, model or dataset came from (--downstream: what was built from it)"),
     "compare": ("jobs.compare", "runs side by side: differing params, metrics, inputs; a PNG and a Markdown table"),
     "status": ("jobs.status", "the catalog at a glance: datasets, digests, shards, and what is stale"),

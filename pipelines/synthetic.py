@@ -3,6 +3,10 @@
 - `make_images(n, seed)`: seeded JPEGs of simple coloured shapes on coloured backgrounds, with
   captions that describe them ("a red circle on a blue background"), so that a tokenizer or a
   captioner has something real to learn on a CPU in minutes.
+- `make_scenes(n, seed, factors)`: the compositional corpus of `seedpipe demo`: shapes x colours x
+  positions x backgrounds (`SceneFactors`), one shape per image at a jittered spot, captioned
+  "a red circle at the top left on a white background"; `scene_captions(factors)` lists every
+  caption the factors can produce.
 - `ImageServer`: a `ThreadingHTTPServer` on 127.0.0.1 (port 0) serving those images from memory,
   plus the misbehaving paths the ingest must survive; it counts requests per path so that a test
   can assert the server saw no request at all.
@@ -32,6 +36,7 @@ import threading
 import zlib
 from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from urllib.parse import parse_qs, urlsplit
@@ -89,6 +94,105 @@ def make_images(n: int, seed: int = 0, size: int = 32) -> list[tuple[str, bytes,
             caption = f"{fg} stripes on a {bg} background"
         out.append(
             (f"{i:05d}.jpg", jpeg_bytes(_draw(shape, COLORS[fg], COLORS[bg], size)), caption)
+        )
+    return out
+
+
+SCENE_SHAPES = ("circle", "square", "triangle", "diamond")
+"""Shapes `draw_scene` can draw."""
+POSITIONS: dict[str, tuple[float, float]] = {
+    "top left": (0.3, 0.3),
+    "top right": (0.7, 0.3),
+    "bottom left": (0.3, 0.7),
+    "bottom right": (0.7, 0.7),
+    "center": (0.5, 0.5),
+}
+"""Where a scene's shape sits: name -> centre as a fraction of the image side."""
+BACKGROUNDS: dict[str, tuple[int, int, int]] = {
+    "white": (245, 245, 245),
+    "black": (15, 15, 15),
+    "gray": (128, 128, 128),
+    "brown": (120, 72, 30),
+}
+"""Scene backgrounds: a palette of their own, so a shape never has its background's colour."""
+
+
+@dataclass(frozen=True, kw_only=True)
+class SceneFactors:
+    """The factors `make_scenes` draws from (names of SCENE_SHAPES, COLORS, POSITIONS, BACKGROUNDS)."""
+
+    shapes: tuple[str, ...] = ("circle", "square", "triangle", "diamond")
+    colors: tuple[str, ...] = ("red", "green", "blue", "yellow")
+    positions: tuple[str, ...] = ("top left", "top right", "bottom left", "bottom right")
+    backgrounds: tuple[str, ...] = ("white", "black", "gray")
+    scale: float = 0.22
+    """Shape radius as a fraction of the image side."""
+    jitter: float = 0.04
+    """Uniform jitter of the centre and radius, as a fraction of the side."""
+
+    def __post_init__(self) -> None:
+        for name, values, known in (("shapes", self.shapes, SCENE_SHAPES), ("colors", self.colors, COLORS),
+                                    ("positions", self.positions, POSITIONS),
+                                    ("backgrounds", self.backgrounds, BACKGROUNDS)):  # fmt: skip
+            unknown = [v for v in values if v not in known]
+            if not values or unknown:
+                raise ValueError(
+                    f"SceneFactors.{name} must be a non-empty subset of {list(known)}, got {list(values)}"
+                )
+        if not 0.05 <= self.scale <= 0.5 or not 0.0 <= self.jitter < self.scale:
+            raise ValueError(f"SceneFactors: scale must be in [0.05, 0.5] and jitter in [0, scale), "
+                             f"got {self.scale}, {self.jitter}")  # fmt: skip
+
+    @property
+    def num_captions(self) -> int:
+        return len(self.shapes) * len(self.colors) * len(self.positions) * len(self.backgrounds)
+
+
+def scene_caption(shape: str, color: str, position: str, background: str) -> str:
+    where = "in the center" if position == "center" else f"at the {position}"
+    return f"a {color} {shape} {where} on a {background} background"
+
+
+def scene_captions(factors: SceneFactors = SceneFactors()) -> list[str]:
+    """Every caption `make_scenes(..., factors)` can produce, in factor order."""
+    return [scene_caption(s, c, p, b) for s in factors.shapes for c in factors.colors
+            for p in factors.positions for b in factors.backgrounds]  # fmt: skip
+
+
+def draw_scene(shape: str, color: str, position: str, background: str, *, size: int = 32,
+               factors: SceneFactors = SceneFactors(), rng: random.Random | None = None) -> Image.Image:  # fmt: skip
+    """One scene: `shape` in `color` around `position` (jittered by `rng`) on `background`."""
+    rng = rng or random.Random(0)
+    img = Image.new("RGB", (size, size), BACKGROUNDS[background])
+    d = ImageDraw.Draw(img)
+    fx, fy = POSITIONS[position]
+    j = factors.jitter
+    cx, cy = (fx + rng.uniform(-j, j)) * size, (fy + rng.uniform(-j, j)) * size
+    r = (factors.scale + rng.uniform(-j, j) / 2) * size
+    fill = COLORS[color]
+    if shape == "circle":
+        d.ellipse([cx - r, cy - r, cx + r, cy + r], fill=fill)
+    elif shape == "square":
+        s = r * 0.9
+        d.rectangle([cx - s, cy - s, cx + s, cy + s], fill=fill)
+    elif shape == "triangle":
+        d.polygon([(cx, cy - r), (cx - r, cy + r * 0.8), (cx + r, cy + r * 0.8)], fill=fill)
+    else:  # diamond
+        d.polygon([(cx, cy - r), (cx + r, cy), (cx, cy + r), (cx - r, cy)], fill=fill)
+    return img
+
+
+def make_scenes(n: int, seed: int = 0, size: int = 32, factors: SceneFactors = SceneFactors(),
+                ) -> list[tuple[str, bytes, str]]:  # fmt: skip
+    """n seeded (filename, jpeg_bytes, caption) compositional scenes: each factor drawn uniformly."""
+    rng = random.Random(seed)
+    out = []
+    for i in range(n):
+        shape, color, position, background = (rng.choice(f) for f in (
+            factors.shapes, factors.colors, factors.positions, factors.backgrounds))  # fmt: skip
+        img = draw_scene(shape, color, position, background, size=size, factors=factors, rng=rng)
+        out.append(
+            (f"{i:05d}.jpg", jpeg_bytes(img), scene_caption(shape, color, position, background))
         )
     return out
 
