@@ -252,7 +252,7 @@ def cli_main(fn: Any) -> Any:
         import sys
 
         try:
-            return fn(argv)
+            return fn(sys.argv[1:] if argv is None else argv)  # `python -m module ARGS`
         except ValueError as err:
             if os.environ.get("SEEDPIPE_DEBUG"):
                 raise

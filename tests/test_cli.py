@@ -48,3 +48,18 @@ def test_stage_subcommands_delegate_to_their_modules(capsys, tmp_path):
     )
     assert "2 to build, 0 up to date, 0 stale, 0 orphaned" in capsys.readouterr().out
     assert not (tmp_path / "corpora" / "c" / "features").exists()
+
+
+def test_python_m_entry_points_read_their_arguments(tmp_path):
+    """`python -m pipelines.features ARGS` (what `ray job submit` runs) parses ARGS from sys.argv."""
+    from pipelines.catalog import Catalog
+    from tests.raw_fixture import make_raw_corpus
+
+    make_raw_corpus(Catalog(tmp_path), "c", num_shards=2, per_shard=2)
+    proc = subprocess.run(
+        [sys.executable, "-m", "pipelines.features", "--root", str(tmp_path), "--corpus", "c",
+         "--encoder", "tiny", "--dry-run"],
+        capture_output=True, text=True, timeout=120, cwd=Path(__file__).resolve().parents[1],
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "2 to build, 0 up to date" in proc.stdout
