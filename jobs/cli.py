@@ -37,13 +37,31 @@ DELEGATED = {
         "Ray Train + DeepSpeed: LoRA-tune an LLM on image/text tokens",
     ),
     "ui": ("jobs.cli:ui_main", "open the MLflow UI on the catalog's tracking store"),
-    "demo": ("jobs.demo", "the whole pipeline on a synthetic corpus, CPU only, offline: the results table"),
-    "lineage": ("jobs.lineage", "where a run, model or dataset came from (--downstream: what was built from it)"),
-    "compare": ("jobs.compare", "runs side by side: differing params, metrics, inputs; a PNG and a Markdown table"),
-    "status": ("jobs.status", "the catalog at a glance: datasets, digests, shards, and what is stale"),
-    "evaluate": ("jobs.evaluate", "retrieval, codebook, decoder and LLM metrics on held-out data, beside chance"),
+    "demo": (
+        "jobs.demo",
+        "the whole pipeline on a synthetic corpus, CPU only, offline: the results table",
+    ),
+    "lineage": (
+        "jobs.lineage",
+        "where a run, model or dataset came from (--downstream: what was built from it)",
+    ),
+    "compare": (
+        "jobs.compare",
+        "runs side by side: differing params, metrics, inputs; a PNG and a Markdown table",
+    ),
+    "status": (
+        "jobs.status",
+        "the catalog at a glance: datasets, digests, shards, and what is stale",
+    ),
+    "evaluate": (
+        "jobs.evaluate",
+        "retrieval, codebook, decoder and LLM metrics on held-out data, beside chance",
+    ),
     "caption": ("jobs.try_model:caption_main", "caption image files with a tokenizer + LoRA LLM"),
-    "generate": ("jobs.try_model:generate_main", "generate image codes for a prompt; show the nearest corpus images"),
+    "generate": (
+        "jobs.try_model:generate_main",
+        "generate image codes for a prompt; show the nearest corpus images",
+    ),
     "submit": ("jobs.submit", "run a stage or job on a Ray cluster (`seedpipe jobs` lists them)"),
     "jobs": ("jobs.submit:jobs_main", "submitted Ray jobs: list, `logs ID`, `stop ID`"),
 }

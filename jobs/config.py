@@ -10,6 +10,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from pipelines.config import CommonSettings
+
 CONFIG_DIR = Path(__file__).resolve().parent / "configs"
 
 
@@ -119,17 +121,9 @@ class FaultSettings:
 
 
 @dataclass(kw_only=True)
-class TrainJobConfig:
+class TrainJobConfig(CommonSettings):
     """What every training job has: the catalog, Ray Train, DeepSpeed, the optimizer, eval, export."""
 
-    root: str = "./seed-data"
-    """Catalog root (a shared filesystem for a multi-node cluster)."""
-    corpus: str = ""
-    """Corpus name (`<root>/corpora/<corpus>/`)."""
-    dry_run: bool = False
-    """Resolve the config and the input datasets, print them, and stop."""
-    address: str | None = None
-    """Ray cluster address (default: RAY_ADDRESS, else a local Ray)."""
     holdout: float = 0.05
     """Fraction of rows (by key hash) held out of training, for evaluation."""
     eval_every: int = 0
@@ -145,8 +139,7 @@ class TrainJobConfig:
     fault: FaultSettings = field(default_factory=FaultSettings)
 
     def __post_init__(self) -> None:
-        if not self.corpus:
-            raise ValueError("corpus is required (--corpus NAME or corpus=NAME)")
+        super().__post_init__()
         if not 0 <= self.holdout < 0.5:
             raise ValueError(f"holdout must be in [0, 0.5), got {self.holdout}")
         if self.eval_every < 0 or self.eval_rows < 0:

@@ -311,9 +311,13 @@ def _lineage_description(tracker: RunTracker, run: Any) -> str | None:
         from jobs.lineage import describe_run
 
         experiment = tracker.client.get_experiment(run.info.experiment_id).name
-        return describe_run(tracker.client, tracker.tracking_uri, experiment, run.info.run_id)[:5000]
+        return describe_run(tracker.client, tracker.tracking_uri, experiment, run.info.run_id)[
+            :5000
+        ]
     except Exception:  # noqa: BLE001 - see the docstring
-        logger.warning("no lineage description for the model of run %s", run.info.run_id, exc_info=True)
+        logger.warning(
+            "no lineage description for the model of run %s", run.info.run_id, exc_info=True
+        )
         return None
 
 

@@ -22,7 +22,9 @@ from pipelines import config as cfg
 def job_main(job: Job[Any, Any], argv: Sequence[str] | None, *, prog: str, description: str) -> int:
     """The whole CLI of a training job: parse, prepare, print the plan, (unless --dry-run) launch."""
     config = job.resolve(
-        cfg.parse_command(job.config_cls, argv, prog=prog, description=description, config_dirs=[CONFIG_DIR])
+        cfg.parse_command(
+            job.config_cls, argv, prog=prog, description=description, config_dirs=[CONFIG_DIR]
+        )
     )
     name, storage = run_location(config, job.name)
     if config.dry_run:
@@ -30,7 +32,9 @@ def job_main(job: Job[Any, Any], argv: Sequence[str] | None, *, prog: str, descr
         # prepares into a scratch folder, so it checks every input and leaves nothing behind
         with tempfile.TemporaryDirectory(prefix="seedpipe-dry-run-") as scratch:
             scratch_run = dataclasses.replace(config.run, storage_path=scratch)
-            _print_plan(job, name, storage, job.prepare(dataclasses.replace(config, run=scratch_run)))
+            _print_plan(
+                job, name, storage, job.prepare(dataclasses.replace(config, run=scratch_run))
+            )
         print(cfg.to_yaml(config), end="", flush=True)
         print(f"{job.name}: dry run, nothing launched", flush=True)
         return 0
@@ -98,7 +102,10 @@ def launch(job: Job[Any, Any], config: TrainJobConfig, prepared: Prepared[Any]) 
         datasets={"train": dataset},
         dataset_config=DataConfig(execution_options=ExecutionOptions(preserve_order=True)),
     )
-    print(f"{job.name}: {scaling.num_workers} workers ({'GPU' if scaling.use_gpu else 'CPU'})", flush=True)
+    print(
+        f"{job.name}: {scaling.num_workers} workers ({'GPU' if scaling.use_gpu else 'CPU'})",
+        flush=True,
+    )
     result = trainer.fit()
     registered = context.run_dir / "registered_model.json"
     if registered.exists():

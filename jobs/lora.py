@@ -59,8 +59,14 @@ class LoraJobConfig(cfg.TrainJobConfig):
     optim: cfg.OptimSettings = field(
         # Our choice: the SEED papers do not publish the LoRA optimiser; 2e-4 is the usual LoRA lr
         # (1e-4..3e-4) and weight decay 0 keeps the image-token row deltas from decaying to their init.
-        default_factory=lambda: cfg.OptimSettings(lr=2e-4, min_lr=2e-5, warmup_steps=500, weight_decay=0.0,
-                                                  batch_size_per_worker=32, max_steps=10000)  # fmt: skip
+        default_factory=lambda: cfg.OptimSettings(
+            lr=2e-4,
+            min_lr=2e-5,
+            warmup_steps=500,
+            weight_decay=0.0,
+            batch_size_per_worker=32,
+            max_steps=10000,
+        )  # fmt: skip
     )
 
     def __post_init__(self) -> None:
@@ -68,11 +74,15 @@ class LoraJobConfig(cfg.TrainJobConfig):
         if not 0.0 <= self.i2t_fraction <= 1.0:
             raise ValueError(f"i2t_fraction must be in [0, 1], got {self.i2t_fraction}")
         if self.num_codes < 0:
-            raise ValueError(f"num_codes must be >= 0 (0 = from the tokens dataset), got {self.num_codes}")
+            raise ValueError(
+                f"num_codes must be >= 0 (0 = from the tokens dataset), got {self.num_codes}"
+            )
         if self.max_length < 16:
             raise ValueError(f"max_length must be >= 16, got {self.max_length}")
         if self.llm == TINY_LLM and not self.llm_tokenizer:
-            raise ValueError(f"llm_tokenizer: {TINY_LLM} has no tokenizer of its own; use 'train' or a tokenizer dir")
+            raise ValueError(
+                f"llm_tokenizer: {TINY_LLM} has no tokenizer of its own; use 'train' or a tokenizer dir"
+            )
         if self.train_vocab_size < 300:
             raise ValueError(f"train_vocab_size must be >= 300, got {self.train_vocab_size}")
 
@@ -102,7 +112,9 @@ def resolve_tokens(config: LoraJobConfig) -> LoraJobConfig:
     catalog = Catalog(config.root)
     if not config.tokens:
         return dataclasses.replace(config, tokens=default_tokens(catalog, config.corpus))
-    if "@" not in config.tokens or catalog.committed(catalog.stage_dir(config.corpus, "tokens", config.tokens)):
+    if "@" not in config.tokens or catalog.committed(
+        catalog.stage_dir(config.corpus, "tokens", config.tokens)
+    ):
         return config
     corpus, name = config.tokens.split("@", 1)
     try:
@@ -112,7 +124,9 @@ def resolve_tokens(config: LoraJobConfig) -> LoraJobConfig:
     if not catalog.committed(directory):
         return config
     if corpus != config.corpus:
-        print(f"lora: corpus {corpus!r} from tokens={config.tokens} (config said {config.corpus!r})")
+        print(
+            f"lora: corpus {corpus!r} from tokens={config.tokens} (config said {config.corpus!r})"
+        )
     return dataclasses.replace(config, corpus=corpus, tokens=name)
 
 
@@ -144,7 +158,9 @@ def _newest_version(catalog: Any, name: str) -> int | None:
     if uri.startswith("sqlite:///") and not Path(uri[len("sqlite:///") :]).exists():
         return None  # no store yet: do not create one just to look
     try:
-        versions = mlflow.MlflowClient(uri, registry_uri=uri).search_model_versions(f"name = '{name}'")
+        versions = mlflow.MlflowClient(uri, registry_uri=uri).search_model_versions(
+            f"name = '{name}'"
+        )
     except MlflowException:
         return None
     return max((int(v.version) for v in versions), default=None)
@@ -166,7 +182,9 @@ def i2t_rows(keys: Sequence[str], fraction: float, seed: int) -> np.ndarray:
     return out
 
 
-def pad_examples(examples: Sequence[dict[str, list[int]]], pad_id: int, length: int) -> dict[str, torch.Tensor]:
+def pad_examples(
+    examples: Sequence[dict[str, list[int]]], pad_id: int, length: int
+) -> dict[str, torch.Tensor]:
     """collate_examples, then right-padded to a fixed `length` (static shapes for every step)."""
     from seed_core.llm import IGNORE_INDEX, collate_examples
 
@@ -184,13 +202,17 @@ def load_llm(config: LoraJobConfig, inputs: LoraInputs) -> tuple[nn.Module, Any,
     from jobs.trainer import training_precision
     from seed_core.llm import add_image_tokens, apply_lora
 
-    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[training_precision(config)]
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[
+        training_precision(config)
+    ]
     tokenizer = AutoTokenizer.from_pretrained(inputs.text_tokenizer)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(config.run.seed)  # LoRA A init: the same on every rank
         # loaded once in the training dtype, so a 2.7B base is never materialised in fp32 first
         base = AutoModelForCausalLM.from_pretrained(inputs.llm, dtype=dtype)
-        space = add_image_tokens(tokenizer, base, inputs.num_codes, num_tokens_per_image=inputs.num_tokens)
+        space = add_image_tokens(
+            tokenizer, base, inputs.num_codes, num_tokens_per_image=inputs.num_tokens
+        )
         model = apply_lora(base, config.lora, space)
     return model, tokenizer, space
 
@@ -226,16 +248,24 @@ class LoraJob(Job[LoraJobConfig, LoraInputs]):
         (num_tokens,) = schema_shapes(schema)["codes"]
         recorded = int(meta.get("num_codes", 0))
         if config.num_codes and recorded and config.num_codes != recorded:
-            raise ValueError(f"num_codes={config.num_codes} but the tokenizer that made {config.tokens} has {recorded}")
+            raise ValueError(
+                f"num_codes={config.num_codes} but the tokenizer that made {config.tokens} has {recorded}"
+            )
         num_codes = config.num_codes or recorded
         if not num_codes:
-            raise ValueError(f"num_codes: {config.tokens} does not record its codebook size; set num_codes=<K>")
-        sample = pq.read_table(files[0], columns=["codes"]).column("codes").combine_chunks().flatten()
+            raise ValueError(
+                f"num_codes: {config.tokens} does not record its codebook size; set num_codes=<K>"
+            )
+        sample = (
+            pq.read_table(files[0], columns=["codes"]).column("codes").combine_chunks().flatten()
+        )
         low, high = pc.min(sample).as_py(), pc.max(sample).as_py()
         if sample.null_count or low is None or low < 0 or high >= num_codes:
             raise ValueError(f"num_codes={num_codes}: codes in {files[0]} span [{low}, {high}]")
         if config.max_length < num_tokens + 10:
-            raise ValueError(f"max_length={config.max_length} cannot hold <img> + {num_tokens} codes + </img> + prompt")
+            raise ValueError(
+                f"max_length={config.max_length} cannot hold <img> + {num_tokens} codes + </img> + prompt"
+            )
 
         folder = run_dir(config, self.name)
         text_tokenizer = config.llm_tokenizer or config.llm
@@ -248,8 +278,14 @@ class LoraJob(Job[LoraJobConfig, LoraInputs]):
                 for f in files:
                     table = pq.read_table(f, columns=["key", "caption"])
                     keep = ~is_holdout(table.column("key").to_pylist(), config.holdout)
-                    captions += [c for c, k in zip(table.column("caption").to_pylist(), keep, strict=True) if k and c]
-                train_caption_tokenizer(captions, vocab_size=config.train_vocab_size).save_pretrained(tokenizer_dir)
+                    captions += [
+                        c
+                        for c, k in zip(table.column("caption").to_pylist(), keep, strict=True)
+                        if k and c
+                    ]
+                train_caption_tokenizer(
+                    captions, vocab_size=config.train_vocab_size
+                ).save_pretrained(tokenizer_dir)
             text_tokenizer = str(tokenizer_dir)
         llm, base_in_export = config.llm, False
         if config.llm == TINY_LLM:
@@ -278,7 +314,9 @@ class LoraJob(Job[LoraJobConfig, LoraInputs]):
         model, tokenizer, space = load_llm(config, inputs)
         task = LoraTask(model, space)
         max_len, num_tokens, seed = config.max_length, inputs.num_tokens, config.run.seed
-        pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+        pad_id = (
+            tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+        )
 
         class Collate(ArrowBatchCollateFn):
             """Arrow rows (key, caption, codes) -> (B, max_length) input_ids/attention_mask/labels + i2t."""
@@ -287,7 +325,9 @@ class LoraJob(Job[LoraJobConfig, LoraInputs]):
                 self.directions = directions  # "mix": the training mix; "both": every row both ways
 
             def __call__(self, batch: Any) -> dict[str, torch.Tensor]:
-                codes = torch.from_numpy(from_fixed_list(batch.column("codes"), (num_tokens,)).astype(np.int64))
+                codes = torch.from_numpy(
+                    from_fixed_list(batch.column("codes"), (num_tokens,)).astype(np.int64)
+                )
                 captions = [c or "" for c in batch.column("caption").to_pylist()]
                 if self.directions == "both":
                     i2t = np.array([True] * len(captions) + [False] * len(captions))
@@ -302,11 +342,17 @@ class LoraJob(Job[LoraJobConfig, LoraInputs]):
                 ]
                 return pad_examples(examples, pad_id, max_len) | {"i2t": torch.from_numpy(i2t)}
 
-        holdout = load_holdout(inputs.train_files, config.holdout, config.eval_rows, ["key", "caption", "codes"])
+        holdout = load_holdout(
+            inputs.train_files, config.holdout, config.eval_rows, ["key", "caption", "codes"]
+        )
 
         def evaluate(module: Any) -> dict[str, float]:
             # Only rank 0's numbers are logged; without ZeRO-3 the other ranks need not run the forward.
-            if holdout is None or holdout.num_rows == 0 or (ctx.rank != 0 and config.deepspeed.zero_stage < 3):
+            if (
+                holdout is None
+                or holdout.num_rows == 0
+                or (ctx.rank != 0 and config.deepspeed.zero_stage < 3)
+            ):
                 return {}
             return evaluate_lora(module, tokenizer, space, holdout, Collate("both"),
                                  batch_size=config.optim.batch_size_per_worker, max_length=max_len)  # fmt: skip

@@ -47,8 +47,17 @@ def build_tiny_llm(vocab_size: int, *, max_positions: int, tokenizer: Any, seed:
         return transformers.OPTForCausalLM(config)
 
 
-def export_lora(model: Any, tokenizer: Any, space: Any, out: Path, *, config: Any, llm: str,
-                base_in_export: bool, tokens: LoraExportInfo) -> None:
+def export_lora(
+    model: Any,
+    tokenizer: Any,
+    space: Any,
+    out: Path,
+    *,
+    config: Any,
+    llm: str,
+    base_in_export: bool,
+    tokens: LoraExportInfo,
+) -> None:
     """The PEFT adapter (+ image-token row deltas), the extended tokenizer, and how to rebuild the base.
 
     out/adapter_config.json, adapter_model.safetensors   PeftModel.save_pretrained

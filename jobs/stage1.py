@@ -102,8 +102,14 @@ class Stage1Job(Job[Stage1JobConfig, Stage1Inputs]):
             if not tokenizer_dir.exists():  # a restarted run keeps its first tokenizer
                 from seed_core.llm import train_caption_tokenizer
 
-                captions = [c for f in files for c in pq.read_table(f, columns=["caption"])["caption"].to_pylist()]
-                train_caption_tokenizer(captions, vocab_size=qcfg.vocab_size).save_pretrained(tokenizer_dir)
+                captions = [
+                    c
+                    for f in files
+                    for c in pq.read_table(f, columns=["caption"])["caption"].to_pylist()
+                ]
+                train_caption_tokenizer(captions, vocab_size=qcfg.vocab_size).save_pretrained(
+                    tokenizer_dir
+                )
             text_tokenizer = str(tokenizer_dir)
         inputs = Stage1Inputs(features=features, text_tokenizer=text_tokenizer, train_files=files,
                               patch_shape=tuple(shapes["patch_features"]))  # fmt: skip
@@ -157,7 +163,13 @@ class Stage1Job(Job[Stage1JobConfig, Stage1Inputs]):
 
             module.qformer.save_pretrained(out)
             text_tok.save_pretrained(out / "text_tokenizer")
-            write_lineage(out, corpus=config.corpus, features=inputs.features, holdout=config.holdout, max_text_len=max_len)
+            write_lineage(
+                out,
+                corpus=config.corpus,
+                features=inputs.features,
+                holdout=config.holdout,
+                max_text_len=max_len,
+            )
 
         return JobParts(task=task, collate=Collate(), export=export, evaluate=evaluate,
                         final_artifacts=lambda module, run_dir: [plot_losses(run_dir)])  # fmt: skip
@@ -173,7 +185,9 @@ def caption_groups(captions: Sequence[str]) -> torch.Tensor:
 
 
 @torch.no_grad()
-def itc_retrieval(qformer: Any, batch: dict[str, torch.Tensor], captions: Sequence[str]) -> dict[str, float]:
+def itc_retrieval(
+    qformer: Any, batch: dict[str, torch.Tensor], captions: Sequence[str]
+) -> dict[str, float]:
     """Held-out image<->text recall@1/5/10 with the ITC features, many-to-many: a repeated caption
     is one candidate, and an image's hit is any caption equal to its own (templated corpora repeat
     captions; a one-to-one target would cap R@1 at 1/copies)."""

@@ -140,7 +140,13 @@ class Stage2Job(Job[Stage2JobConfig, Stage2Inputs]):
             from pipelines.models import write_lineage
 
             module.tokenizer.save_pretrained(out)
-            write_lineage(out, **(inputs.stage1_lineage | {"corpus": config.corpus, "stage1": config.stage1, "holdout": config.holdout}))
+            write_lineage(
+                out,
+                **(
+                    inputs.stage1_lineage
+                    | {"corpus": config.corpus, "stage1": config.stage1, "holdout": config.holdout}
+                ),
+            )
 
         def artifacts(module: Any, run_dir: Path) -> list[Path]:
             return [plot_losses(run_dir), usage.plot(run_dir / "codebook_usage.png")]

@@ -19,7 +19,9 @@ from pipelines.config import cli_main
 
 @cli_main
 def main(argv: Sequence[str] | None = None) -> int:
-    return job_main(LoraJob(), argv, prog="seedpipe train-lora", description=(__doc__ or "").split("\n\n")[0])
+    return job_main(
+        LoraJob(), argv, prog="seedpipe train-lora", description=(__doc__ or "").split("\n\n")[0]
+    )
 
 
 if __name__ == "__main__":

@@ -138,7 +138,10 @@ def train_loop_per_worker(spec: WorkerSpec[Any, Any]) -> None:
                             warmup_steps=optim.warmup_steps, max_steps=optim.max_steps, min_lr=optim.min_lr),
     )  # fmt: skip
     engine, _, _, _ = deepspeed.initialize(
-        model=parts.task, optimizer=optimizer, lr_scheduler=schedule, config=deepspeed_config(config)
+        model=parts.task,
+        optimizer=optimizer,
+        lr_scheduler=schedule,
+        config=deepspeed_config(config),
     )
     state = _resume(engine, parts, rank)
     tracker = _open_tracker(spec, ctx) if rank == 0 else None
@@ -296,14 +299,18 @@ def _open_tracker(spec: WorkerSpec[Any, Any], ctx: RunContext) -> Any:
             **job_run_tags(spec.config, spec.input_datasets)}  # fmt: skip
     name = job_run_name(job=spec.job.name, corpus=spec.config.corpus, folder=ctx.run_name, params=params,
                         input_digests=[d.digest for d in spec.input_datasets])  # fmt: skip
-    tracker = RunTracker(run_dir=ctx.run_dir, run_name=name, tracking_uri=ctx.tracking_uri, tags=tags)
+    tracker = RunTracker(
+        run_dir=ctx.run_dir, run_name=name, tracking_uri=ctx.tracking_uri, tags=tags
+    )
     tracker.log_params(params)
     for ds in spec.input_datasets:
         tracker.log_dataset(**ds.as_kwargs())
     return tracker
 
 
-def _finish(engine: Any, parts: JobParts, spec: WorkerSpec[Any, Any], ctx: RunContext, tracker: Any) -> None:
+def _finish(
+    engine: Any, parts: JobParts, spec: WorkerSpec[Any, Any], ctx: RunContext, tracker: Any
+) -> None:
     """Export the trained model (gathering ZeRO-3 partitions on all ranks), register it from rank 0."""
     import deepspeed
 
@@ -317,7 +324,9 @@ def _finish(engine: Any, parts: JobParts, spec: WorkerSpec[Any, Any], ctx: RunCo
         if ctx.rank == 0:
             out = ctx.run_dir / "export"
             parts.export(engine.module, out)
-            artifacts = parts.final_artifacts(engine.module, ctx.run_dir) if parts.final_artifacts else []
+            artifacts = (
+                parts.final_artifacts(engine.module, ctx.run_dir) if parts.final_artifacts else []
+            )
             for path in artifacts:
                 tracker.log_artifact(path, "plots")
             _register(spec, ctx, tracker, out)

@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 from pipelines.catalog import Catalog, Plan
-from pipelines.config import parse_command
+from pipelines.config import CommonSettings, parse_command
 from pipelines.datasets import dataset_ref
 from pipelines.stage import Resources, ShardTask, StageResult, execute
 
@@ -27,22 +27,10 @@ WORKER_ENV_KEYS = (
 
 
 @dataclass(kw_only=True)
-class StageConfig:
+class StageConfig(CommonSettings):
     """What every derived stage's config has (features, qembeds, tokens)."""
 
-    root: str = "./seed-data"
-    """Catalog root: a local path or a filesystem URI (shared storage on a cluster)."""
-    corpus: str = ""
-    """Corpus name (`<root>/corpora/<corpus>/`). Required."""
-    dry_run: bool = False
-    """Print the plan and stop; write nothing."""
-    address: str | None = None
-    """Ray cluster address (default: RAY_ADDRESS, else a local Ray)."""
     resources: Resources = field(default_factory=Resources)
-
-    def __post_init__(self) -> None:
-        if not self.corpus:
-            raise ValueError("corpus is required (--corpus NAME or corpus=NAME)")
 
 
 STAGE_ALIASES = {
@@ -56,7 +44,9 @@ STAGE_ALIASES = {
 
 def parse_stage(cls: type[T], argv: Sequence[str] | None, *, prog: str, doc: str | None) -> T:
     """A stage's command line: the one grammar (pipelines.config) plus the resource flags."""
-    return parse_command(cls, argv, prog=prog, description=(doc or "").split("\n\n")[0], aliases=STAGE_ALIASES)
+    return parse_command(
+        cls, argv, prog=prog, description=(doc or "").split("\n\n")[0], aliases=STAGE_ALIASES
+    )
 
 
 def ensure_ray(address: str | None = None) -> None:
@@ -106,14 +96,20 @@ def run_stage(catalog: Catalog, *, stage: str, config: StageConfig, plan: Plan, 
     source = dataset_ref(catalog, input_dir, "input")
     name = stage_run_name(stage, corpus, output_dir.rsplit("/", 1)[-1], source.digest)
     with stage_run(
-        catalog, stage=stage, corpus=corpus, config=dataclasses.asdict(config) | resolved, run_name=name
+        catalog,
+        stage=stage,
+        corpus=corpus,
+        config=dataclasses.asdict(config) | resolved,
+        run_name=name,
     ) as run:
         run.log_dataset(**source.as_kwargs())
         result = execute(catalog, stage=stage, plan=plan, tasks=tasks, worker_cls=worker_cls,
                          worker_kwargs=worker_kwargs, resources=resources, output_dir=output_dir)  # fmt: skip
         made = dataset_ref(catalog, output_dir, "output")
         run.log_dataset(**made.as_kwargs())
-        run.tracker.set_tags(stage_run_tags(stage, resolved, input_digest=source.digest, output_digest=made.digest))
+        run.tracker.set_tags(
+            stage_run_tags(stage, resolved, input_digest=source.digest, output_digest=made.digest)
+        )
         rate = result.rows_out / result.seconds if result.seconds else 0.0
         run.log_metrics({"rows_in": result.rows_in, "rows_out": result.rows_out, "images_per_s": rate,
                          "shards_built": len(plan.to_build) - len(result.failed_shards),
@@ -122,5 +118,3 @@ def run_stage(catalog: Catalog, *, stage: str, config: StageConfig, plan: Plan, 
         run.log_dict({"plan": vars(plan), "failed_shards": result.failed_shards}, "summary.json")
     print(result.table(), flush=True)
     return result
-
-

@@ -32,6 +32,7 @@ import textwrap
 import types
 import typing
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -46,6 +47,24 @@ COMMON_FLAGS = ("root", "corpus", "dry_run", "address")
 
 class ConfigError(ValueError):
     """A config that cannot be used; the message names the key."""
+
+
+@dataclass(kw_only=True)
+class CommonSettings:
+    """The keys every command accepts (`COMMON_FLAGS`): the base of stage and job configs."""
+
+    root: str = "./seed-data"
+    """Catalog root: a local path or a filesystem URI (shared storage on a cluster)."""
+    corpus: str = ""
+    """Corpus name (`<root>/corpora/<corpus>/`). Required."""
+    dry_run: bool = False
+    """Print the plan (inputs, what would run) and stop; write nothing."""
+    address: str | None = None
+    """Ray cluster address (default: RAY_ADDRESS, else a local Ray)."""
+
+    def __post_init__(self) -> None:
+        if not self.corpus:
+            raise ValueError("corpus is required (--corpus NAME or corpus=NAME)")
 
 
 def load_config(
@@ -204,7 +223,9 @@ def find_config(name: str, config_dirs: Sequence[str | Path] = ()) -> Path:
             if candidate.is_file():
                 return candidate
     shipped = sorted(p.stem for d in config_dirs for p in Path(d).glob("*.yaml"))
-    raise ConfigError(f"--config {name}: no such file" + (f" (shipped: {', '.join(shipped)})" if shipped else ""))
+    raise ConfigError(
+        f"--config {name}: no such file" + (f" (shipped: {', '.join(shipped)})" if shipped else "")
+    )
 
 
 def parse_command(cls: type[T], argv: Sequence[str] | None, *, prog: str, description: str,

@@ -45,7 +45,9 @@ class ModelRef:
 def resolve_model(ref: str, catalog: Catalog) -> ModelRef:
     """A directory as is; a `models:/` URI from the catalog's MLflow registry."""
     if not ref:
-        raise ValueError("a model reference is required: an export directory or models:/<name>/<version>")
+        raise ValueError(
+            "a model reference is required: an export directory or models:/<name>/<version>"
+        )
     if ref.startswith("models:/"):
         return _from_registry(ref, catalog)
     path = Path(ref).expanduser()
@@ -69,7 +71,9 @@ def _from_registry(ref: str, catalog: Catalog) -> ModelRef:
     model, _, alias = body.partition("@")
     model, _, version = model.partition("/")
     if not model or (alias and version) or (not alias and not version) or "/" in version:
-        raise ValueError(f"{ref}: expected models:/<name>/<version>, models:/<name>/latest or models:/<name>@<alias>")
+        raise ValueError(
+            f"{ref}: expected models:/<name>/<version>, models:/<name>/latest or models:/<name>@<alias>"
+        )
     client = mlflow.MlflowClient(tracking_uri=uri, registry_uri=uri)
     try:
         if alias:
@@ -98,7 +102,9 @@ def _from_registry(ref: str, catalog: Catalog) -> ModelRef:
         p.parent for p in root.rglob("model.safetensors")
     )
     if not found:
-        raise ValueError(f"{ref} holds neither a LoRA adapter nor a model.safetensors (not a seedpipe model)")
+        raise ValueError(
+            f"{ref} holds neither a LoRA adapter nor a model.safetensors (not a seedpipe model)"
+        )
     return ModelRef(directory=str(min(found, key=lambda p: len(p.parts))), name=name, uri=ref)
 
 

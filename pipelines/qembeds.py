@@ -104,7 +104,9 @@ class QEmbedsConfig(cli_common.StageConfig):
     def __post_init__(self) -> None:
         super().__post_init__()
         if not self.stage1:
-            raise ValueError("stage1 is required: --stage1 <export directory or models:/seed-tokenizer-stage1/N>")
+            raise ValueError(
+                "stage1 is required: --stage1 <export directory or models:/seed-tokenizer-stage1/N>"
+            )
 
 
 def run(config: QEmbedsConfig) -> StageResult:
@@ -117,7 +119,9 @@ def run(config: QEmbedsConfig) -> StageResult:
     shapes = schema_shapes(read_features_schema(catalog, features_dir))
     target_column = next(c for c in shapes if c.startswith("target_"))
     digest = CausalQFormer.from_pretrained(ref.directory).digest
-    output_dir = catalog.stage_dir(config.corpus, "qembeds", config.name or f"{ref.name}@{digest[:12]}")
+    output_dir = catalog.stage_dir(
+        config.corpus, "qembeds", config.name or f"{ref.name}@{digest[:12]}"
+    )
     plan, tasks = plan_stage(catalog, input_dir=features_dir, output_dir=output_dir,
                              config_digest=digest_of({"stage": "qembeds"}), model_digest=digest)  # fmt: skip
     return cli_common.run_stage(

@@ -77,7 +77,9 @@ class TokensConfig(cli_common.StageConfig):
     def __post_init__(self) -> None:
         super().__post_init__()
         if not self.tokenizer:
-            raise ValueError("tokenizer is required: --tokenizer <export directory or models:/seed-tokenizer/N>")
+            raise ValueError(
+                "tokenizer is required: --tokenizer <export directory or models:/seed-tokenizer/N>"
+            )
 
 
 def run(config: TokensConfig) -> StageResult:

@@ -31,7 +31,11 @@ def seedpipe_exe() -> str:
 
 def user_env() -> dict[str, str]:
     """The environment a user's shell would have: no tracking URI, no Ray address, no test paths."""
-    env = {k: v for k, v in os.environ.items() if k not in ("MLFLOW_TRACKING_URI", "RAY_ADDRESS", "PYTHONPATH")}
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if k not in ("MLFLOW_TRACKING_URI", "RAY_ADDRESS", "PYTHONPATH")
+    }
     return env
 
 

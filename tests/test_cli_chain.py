@@ -40,7 +40,10 @@ def test_readme_chain_runs_on_the_embedded_default(cli_chain):
 
 def test_rerunning_a_finished_stage_is_a_noop(cli_chain):
     """The same features and tokenize commands again: everything up to date, nothing built, exit 0."""
-    for argv in (["features", "--encoder", "tiny"], ["tokenize", "--tokenizer", "models:/seed-tokenizer/1"]):
+    for argv in (
+        ["features", "--encoder", "tiny"],
+        ["tokenize", "--tokenizer", "models:/seed-tokenizer/1"],
+    ):
         proc = seedpipe(cli_chain, *argv, "--root", "data", "--corpus", CORPUS)
         assert proc.returncode == 0, proc.stderr[-2000:]
         assert "0 to build" in proc.stdout and "nothing to do" in proc.stdout, proc.stdout
@@ -62,7 +65,10 @@ def test_job_dry_run_resolves_defaults_and_launches_nothing(cli_chain):
 @pytest.mark.parametrize(
     ("argv", "message"),
     [
-        (["qembeds", "--stage1", "models:/no-such-model/1"], "models:/no-such-model/1: not found in the tracking store"),
+        (
+            ["qembeds", "--stage1", "models:/no-such-model/1"],
+            "models:/no-such-model/1: not found in the tracking store",
+        ),
         (["tokenize", "--tokenizer", "models:/seed-tokenizer/1", "--features", "nope"], "nope"),
         (["train-tokenizer", "--stage", "1", "optim.lrr=1"], "optim.lrr"),
         (["train-lora", "tokens=missing"], "available: seed-tokenizer-v1@"),

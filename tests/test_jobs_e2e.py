@@ -70,7 +70,9 @@ def assert_checkpoint(run_dir: Path, step: int) -> None:
 def test_stage1_trains_checkpoints_exports_and_registers(root):
     """Stage 1: ITC loss goes down, checkpoints at 5/10/12, the Q-Former exports, loads, and is registered."""
     run_dir = root / "runs" / f"stage1-{CORPUS}"
-    assert (run_dir / "text_tokenizer" / "tokenizer.json").is_file()  # trained once, in the run folder
+    assert (
+        run_dir / "text_tokenizer" / "tokenizer.json"
+    ).is_file()  # trained once, in the run folder
     curve = losses(run_dir)
     assert sorted(curve) == list(range(1, 13))
     assert sum(curve[s] for s in (10, 11, 12)) < sum(curve[s] for s in (1, 2, 3))
@@ -81,9 +83,7 @@ def test_stage1_trains_checkpoints_exports_and_registers(root):
     client = client_for(root)
     run = job_run(client, run_dir)
     assert run.data.params["optim.lr"] == "0.001" and run.data.params["preset"] == "tiny"
-    assert {"loss", "itc", "lr", "eval/i2t_r1", "eval/t2i_r5"} <= set(
-        run.data.metrics
-    )
+    assert {"loss", "itc", "lr", "eval/i2t_r1", "eval/t2i_r5"} <= set(run.data.metrics)
     assert steps(client, run.info.run_id, "loss") == Counter(range(1, 13))
     inputs = {d.dataset.name: d.dataset for d in run.inputs.dataset_inputs}
     assert inputs[f"{CORPUS}/features/tiny"].digest
