@@ -264,6 +264,7 @@ def _log(run: Any, catalog: Catalog, inputs: EvalInputs, split: DatasetRef, metr
     from jobs.eval_report import LLM_METRICS, usage_plot
     from jobs.export import model_digest
     from pipelines.tracking.fields import MAX_DIGEST
+    from pipelines.tracking.run_tags import tag_version_evaluation
 
     run.log_dataset(**split.as_kwargs())
     models = [("tokenizer", inputs.tokenizer, "seed_tokenizer"), ("stage1", inputs.stage1, "causal_qformer"),
@@ -286,6 +287,9 @@ def _log(run: Any, catalog: Catalog, inputs: EvalInputs, split: DatasetRef, metr
         # tracker drops its own second copy of each key at the same step
         run.tracker.log_metrics({n: metrics[n] for n in names}, step=0, model_id=model_id,
                                 dataset_name=split.name, dataset_digest=split.digest[:MAX_DIGEST])  # fmt: skip
+        if mv is not None:  # the registry's summary of the version (R@1 from codes, usage, ...)
+            summary = {n: metrics[n] for n in names}
+            tag_version_evaluation(run.tracker.tracking_uri, mv, summary, split.name)
     run.log_metrics(metrics | {f"chance/{k}": v for k, v in chance.items()}, step=0)
     table_path = Path(run.run_dir, "evaluation.txt")
     table_path.write_text(table + "\n")

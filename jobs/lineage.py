@@ -157,6 +157,11 @@ class Walk:
         fields = {"model_kind": version.kind, "digest": version.digest, "model": version.uri}
         if as_uri and as_uri != version.uri:
             fields["used_as"] = as_uri
+        evaluation = {
+            k[len("eval.") :]: v for k, v in sorted(version.tags.items()) if k.startswith("eval.")
+        }
+        if evaluation:  # `seedpipe evaluate`'s summary tags (pipelines.tracking.run_tags)
+            fields["evaluation"] = evaluation
         node = Node("model", version.uri, fields, run=training.summary if training else None)
         if not self._first(("model", version.uri), node):
             return node

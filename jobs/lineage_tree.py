@@ -60,6 +60,8 @@ def node_text(node: Node) -> str:
     elif node.kind == "model":
         text = f"model {node.label} {f.get('model_kind', '')} digest {f['digest'][:SHORT]}"
         text += f" (used as {f['used_as']})" if f.get("used_as") else ""
+        if f.get("evaluation"):
+            text += ", evaluate: " + ", ".join(f"{k} {v}" for k, v in f["evaluation"].items())
     elif node.kind == "dataset":
         rows = f" {f['rows']} rows" if f.get("rows") is not None else ""
         text = f"dataset {node.label} digest {f['digest'][:SHORT]}{rows}"

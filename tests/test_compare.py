@@ -12,7 +12,7 @@ from jobs.compare import direction, split_runs
 from jobs.compare import main as compare_main
 from tests.lineage_helpers import copy_chain, seedpipe, tracking_client
 
-pytestmark = [pytest.mark.slow, pytest.mark.timeout(1800)]
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(2400)]
 
 
 @pytest.fixture(scope="module")
@@ -39,15 +39,16 @@ def _log_evaluation(root: Path, version) -> None:
     """A stage run shaped like `seedpipe evaluate`'s: the model as input, retrieval metrics."""
     from pipelines.catalog import Catalog
     from pipelines.tracking import stage_run
+    from pipelines.tracking.run_tags import tag_version_evaluation
 
     with stage_run(
         Catalog(root), stage="evaluate", corpus="chain", config={"tokenizer": "x"}
     ) as run:
         run.log_dataset(name="model:models:/seed-tokenizer-stage1/1", digest=version.tags["digest"],
                         uri=root.as_uri(), context="tokenizer")  # fmt: skip
-        run.log_metrics(
-            {"i2t_r1_codes": 0.25, "codebook_usage": 0.5, "chance/i2t_r1_codes": 0.1}, step=0
-        )
+        metrics = {"i2t_r1_codes": 0.25, "codebook_usage": 0.5, "eval_rows": 10.0}
+        run.log_metrics(metrics | {"chance/i2t_r1_codes": 0.1}, step=0)
+        tag_version_evaluation(run.tracker.tracking_uri, version, metrics, "chain/holdout")
 
 
 def test_compare_prints_only_the_differing_param_and_writes_a_png(two_stage1_runs, tmp_path):
@@ -125,6 +126,19 @@ def test_compare_accepts_model_uris_and_rejects_unknown_runs(two_stage1_runs, tm
         assert compare_main([*bad, *args]) == 2
         err = capsys.readouterr().err
         assert err.startswith("error: ") and len(err.strip().splitlines()) == 1, err
+
+
+def test_model_versions_carry_their_evaluation_summary(two_stage1_runs, capsys):
+    """The evaluation summary is version tags (eval.<metric>, eval.split), shown by lineage."""
+    from jobs.lineage import main as lineage_main
+
+    _, root, _ = two_stage1_runs
+    tags = tracking_client(root).get_model_version("seed-tokenizer-stage1", "1").tags
+    assert {k: v for k, v in tags.items() if k.startswith("eval.")} == {
+        "eval.i2t_r1_codes": "0.25", "eval.codebook_usage": "0.5", "eval.split": "chain/holdout"}  # fmt: skip
+    assert lineage_main(["models:/seed-tokenizer-stage1/1", "--root", str(root)]) == 0
+    first = capsys.readouterr().out.splitlines()[0]
+    assert "evaluate: codebook_usage 0.5, i2t_r1_codes 0.25, split chain/holdout" in first, first
 
 
 def test_unknown_run_through_the_console_script(cli_chain):

@@ -11,7 +11,7 @@ import pytest
 from jobs.lineage import main as lineage_main
 from tests.lineage_helpers import copy_chain, seedpipe, tracking_client
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(2400)]
 
 MODELS = ("models:/seed-tokenizer-stage1/1", "models:/seed-tokenizer/1", "models:/seed-lora/1")
 

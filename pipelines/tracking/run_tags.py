@@ -117,3 +117,29 @@ def _tokenizer_digest(uri: str) -> str | None:
         )
     except Exception:  # noqa: BLE001 - see the docstring
         return None
+
+
+EVALUATION_SUMMARY = ("i2t_r1_codes", "t2i_r1_codes", "i2t_r1_embeds", "t2i_r1_embeds", "codebook_usage",
+                      "codebook_perplexity", "caption_cider", "t2i_r1")  # fmt: skip
+"""The `seedpipe evaluate` metrics a registered model version carries as `eval.<name>` tags."""
+
+
+def tag_version_evaluation(
+    uri: str, version: Any, metrics: Mapping[str, float], split: str
+) -> None:
+    """Set the evaluation summary (`EVALUATION_SUMMARY` present in `metrics`, and `eval.split`) as
+    tags of the registered `version`; a store that refuses is a warning, never a failed evaluation."""
+    import logging
+
+    from pipelines.tracking.store import mlflow_client
+
+    tags = {f"eval.{k}": f"{metrics[k]:.4g}" for k in EVALUATION_SUMMARY if k in metrics}
+    if not tags:
+        return
+    try:
+        client = mlflow_client(uri)
+        for key, value in (tags | {"eval.split": split}).items():
+            client.set_model_version_tag(version.name, str(version.version), key, value)
+    except Exception as err:  # noqa: BLE001 - see the docstring
+        logging.getLogger(__name__).warning("could not tag %s/%s with its evaluation: %s",
+                                            version.name, version.version, err)  # fmt: skip
