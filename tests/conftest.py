@@ -87,3 +87,16 @@ def cli_chain(tmp_path_factory):
     from tests.chain import build_chain
 
     return build_chain(tmp_path_factory.mktemp("chain"))
+
+
+@pytest.fixture
+def mlflow_server(tmp_path):
+    """A real `mlflow server` on 127.0.0.1 (tests/mlflow_server.py), stopped after the test."""
+    from tests.mlflow_server import MlflowServer
+
+    server = MlflowServer(tmp_path)
+    server.start()
+    try:
+        yield server
+    finally:
+        server.stop()

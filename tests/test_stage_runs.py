@@ -19,7 +19,6 @@ from pipelines.tracking import RunTracker, pending_stage_runs, stage_run, sync_p
 from pipelines.tracking.rundir import FALLBACK_FILE, RUN_ID_FILE, read_state
 from pipelines.tracking.stage_runs import CONFIG_FILE, RECORD_FILE
 from pipelines.tracking.store import RUN_KEY_TAG, find_or_create_run
-from tests.mlflow_server import MlflowServer
 
 CONFIG = {"corpus": "demo", "encoder": "tiny", "resources": {"num_workers": 2}}
 INPUT = {"name": "demo/raw", "digest": "a" * 64, "uri": "file:///data/raw", "rows": 48}
@@ -134,16 +133,6 @@ def test_sync_skips_a_folder_a_live_tracker_holds(tmp_path, monkeypatch):
         assert (run_dir / FALLBACK_FILE).is_file()
     finally:
         live.close(timeout_s=0)
-
-
-@pytest.fixture
-def mlflow_server(tmp_path):
-    server = MlflowServer(tmp_path)
-    server.start()
-    try:
-        yield server
-    finally:
-        server.stop()
 
 
 @pytest.mark.slow

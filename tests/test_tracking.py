@@ -23,7 +23,6 @@ from mlflow.tracking import MlflowClient
 from pipelines.tracking import RunTracker, check_names, replay_fallback
 from pipelines.tracking.fields import tag_key
 from pipelines.tracking.rundir import FALLBACK_FILE, REJECTED_FILE, RUN_ID_FILE
-from tests.mlflow_server import MlflowServer
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -261,16 +260,6 @@ def test_tracker_never_edits_the_environment_while_logging(tmp_path, monkeypatch
     assert spy.reads["MLFLOW_HTTP_REQUEST_TIMEOUT"] > 0  # the requests were made, bounded
     assert "MLFLOW_HTTP_REQUEST_MAX_RETRIES" in os.environ  # set once, when the tracker was made
     assert tracker.pending > 0
-
-
-@pytest.fixture
-def mlflow_server(tmp_path):
-    server = MlflowServer(tmp_path)
-    server.start()
-    try:
-        yield server
-    finally:
-        server.stop()
 
 
 @pytest.mark.slow
