@@ -41,9 +41,6 @@ from omegaconf.errors import OmegaConfBaseException
 
 T = TypeVar("T")
 
-COMMON_FLAGS = ("root", "corpus", "dry_run", "address")
-"""Accepted by every command (each config declares these fields)."""
-
 
 class ConfigError(ValueError):
     """A config that cannot be used; the message names the key."""
@@ -51,7 +48,7 @@ class ConfigError(ValueError):
 
 @dataclass(kw_only=True)
 class CommonSettings:
-    """The keys every command accepts (`COMMON_FLAGS`): the base of stage and job configs."""
+    """The keys every command accepts (root, corpus, dry_run, address): the base of stage and job configs."""
 
     root: str = "./seed-data"
     """Catalog root: a local path or a filesystem URI (shared storage on a cluster)."""
@@ -91,10 +88,6 @@ def load_config(
         raise ConfigError(
             f"config key {key!r}: {str(err).splitlines()[0]}" if key else str(err)
         ) from None
-
-
-def to_dict(config: Any) -> dict[str, Any]:
-    return dataclasses.asdict(config)
 
 
 def to_yaml(config: Any) -> str:
