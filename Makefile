@@ -15,7 +15,7 @@ export RAY_AUTH_MODE := disabled
 export RAY_USAGE_STATS_ENABLED := 0
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: setup test test-fast lint format clean
+.PHONY: setup demo test test-fast lint format clean
 
 setup: $(VENV)/.installed $(VENV)/.ops-warm
 
@@ -34,6 +34,11 @@ $(VENV)/.installed: $(PY) pyproject.toml constraints.txt
 $(VENV)/.ops-warm: $(VENV)/.installed
 	$(PY) -m jobs.deepspeed_ops --warm
 	@touch $@
+
+# The whole pipeline on a synthetic corpus: local Ray, embedded MLflow under ./seed-demo, no GPU,
+# no internet (jobs/demo.py). A second run reuses what is up to date. DEMO_ARGS="--fresh" restarts.
+demo: setup
+	$(VENV)/bin/seedpipe demo $(DEMO_ARGS)
 
 test: setup
 	$(PY) -m pytest $(PYTEST_ARGS)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from pipelines.config import CommonSettings
 
@@ -19,15 +20,20 @@ CONFIG_DIR = Path(__file__).resolve().parent / "configs"
 class ScalingSettings:
     """Ray Train ScalingConfig: 2 CPU workers with gloo here; 64 GPU workers on the cluster."""
 
-    num_workers: int = 2
+    num_workers: Any = 2
+    """Ray Train workers: an int, or `[min, max]` for an elastic run (Ray Train restarts the group at
+    any size in the range after a node is lost; the global batch stays `batch_size_per_worker` x
+    max, `jobs.elastic`). Typed Any: OmegaConf has no int-or-list union; validated below."""
     use_gpu: bool = False
     cpus_per_worker: float = 1.0
     gpus_per_worker: float = 1.0
     """Used only with use_gpu."""
 
     def __post_init__(self) -> None:
-        if self.num_workers < 1:
-            raise ValueError(f"scaling.num_workers must be >= 1, got {self.num_workers}")
+        from jobs.elastic import worker_bounds
+
+        low, high = worker_bounds(self.num_workers)
+        self.num_workers = low if low == high else [low, high]
         if self.cpus_per_worker <= 0:
             raise ValueError(f"scaling.cpus_per_worker must be > 0, got {self.cpus_per_worker}")
 

@@ -48,6 +48,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
 
+from jobs.demo_report import loss_text, losses, report, summary
 from pipelines.config import cli_main, parse_command
 
 OFFLINE_ENV = {
@@ -60,8 +61,6 @@ OFFLINE_ENV = {
 """Offline by design: no hub look-ups (they retry slowly), no wandb, no usage stats."""
 STATE_FILE = "state.json"
 STEPS = ("ingest", "features", "stage1", "qembeds", "stage2", "tokenize", "lora", "evaluate")
-DONE = ("built", "trained", "measured")
-"""Step statuses that did work; the others (up to date, skipped, reused) reused earlier work."""
 
 
 @dataclass(kw_only=True)
@@ -303,9 +302,9 @@ class Demo:
                 )
             status = "trained"
         self.models[model], self.digests[model] = info["uri"], info.get("digest", "")
-        losses = _losses(folder)
-        extra = {"run_dir": str(folder), "model": info["uri"], "loss_first": losses[0][1] if losses else None,
-                 "loss_last": losses[-1][1] if losses else None, "steps": losses[-1][0] if losses else 0}  # fmt: skip
+        curve = losses(folder)
+        extra = {"run_dir": str(folder), "model": info["uri"], "loss_first": curve[0][1] if curve else None,
+                 "loss_last": curve[-1][1] if curve else None, "steps": curve[-1][0] if curve else 0}  # fmt: skip
         if status == "skipped":
             return StepResult(
                 name,
@@ -314,7 +313,7 @@ class Demo:
                 f"{info['uri']} exists for this config and these inputs ({folder.name})",
                 extra,
             )
-        return StepResult(name, 0, status, f"{_loss_text(losses)}; registered {info['uri']}", extra)
+        return StepResult(name, 0, status, f"{loss_text(curve)}; registered {info['uri']}", extra)
 
     def job_key(self, job: Any, config: Any) -> str:
         """Digest of the resolved config (run name aside) and of the digests of the job's inputs."""
@@ -396,24 +395,6 @@ class Demo:
         )
 
 
-def _losses(run_dir: Path) -> list[tuple[int, float]]:
-    """(step, training loss) from a run's rank-0 metric log, by step (a resumed run rewrites steps)."""
-    path = run_dir / "metrics.jsonl"
-    by_step: dict[int, float] = {}
-    for line in path.read_text().splitlines() if path.is_file() else []:
-        record = json.loads(line)
-        if "loss" in record["metrics"]:
-            by_step[record["step"]] = record["metrics"]["loss"]
-    return sorted(by_step.items())
-
-
-def _loss_text(losses: list[tuple[int, float]]) -> str:
-    if not losses:
-        return "no loss logged"
-    (s0, first), (s1, last) = losses[0], losses[-1]
-    return f"loss {first:.3f} (step {s0}) -> {last:.3f} (step {s1})"
-
-
 @contextlib.contextmanager
 def _captured(log: Path, verbose: bool) -> Iterator[None]:
     """A step's own output into `log`: Python's streams and file descriptors 1 and 2, so that
@@ -448,65 +429,6 @@ def _fresh(root: Path) -> None:
             f"--fresh: {root} is not a folder made by `seedpipe demo` (no demo/{STATE_FILE}); not deleting it"
         )
     shutil.rmtree(root)
-
-
-def next_commands(demo: Demo) -> list[str]:
-    """The commands to try next: only those this build has."""
-    from jobs.cli import DELEGATED
-
-    root, models, corpus = demo.config.root, demo.models, demo.config.corpus
-    samples = sorted((demo.demo_dir / "samples").glob("*.jpg"))
-    prompt = (
-        samples[-1].stem.split("-", 1)[1].replace("_", " ")
-        if samples
-        else "a red circle at the top left on a white background"
-    )
-    wanted = [
-        ("ui", f"seedpipe ui --root {root}"),
-        ("caption", f"seedpipe caption {' '.join(str(p) for p in samples[:2])} --root {root} --lora {models['lora']}"),
-        ("generate", f'seedpipe generate "{prompt}" --root {root} --lora {models["lora"]}'),
-        ("lineage", f"seedpipe lineage {models['lora']} --root {root}"),
-        ("evaluate", f"seedpipe evaluate --root {root} --corpus {corpus} --tokenizer {models['tokenizer']} --lora {models['lora']}"),
-    ]  # fmt: skip
-    return [command for name, command in wanted if name in DELEGATED]
-
-
-def report(demo: Demo, seconds: float) -> str:
-    """The closing report: results table, training losses, where things are, what to run next."""
-    from jobs.eval_report import format_table
-    from pipelines.tracking import tracking_uri
-
-    ev, split = demo.evaluation, demo.evaluation.get("split", {})
-    title = (f"results on the held-out split ({split.get('rows', '?')} images, {split.get('captions', '?')} "
-             "distinct captions); chance = the expected value of a random ranking")  # fmt: skip
-    lines = [
-        "",
-        format_table(ev.get("metrics", {}), ev.get("chance", {}), title),
-        "",
-        "training losses:",
-    ]
-    for r in demo.results:
-        if "loss_first" in r.info and r.info["loss_first"] is not None:
-            lines.append(
-                f"  {r.name:8s} {r.info['loss_first']:.3f} -> {r.info['loss_last']:.3f} over {r.info['steps']} steps"
-            )
-    reused = [r.name for r in demo.results if r.status not in DONE]
-    lines += ["", f"demo finished in {seconds:.1f} s" + (f"; reused what was up to date: {', '.join(reused)}" if reused else ""),
-              "", "where everything is:",
-              f"  corpus         {demo.catalog.corpus_dir(demo.config.corpus)}",
-              f"  runs           {demo.root / 'runs'}",
-              f"  MLflow store   {tracking_uri(demo.catalog)}",
-              "  models         " + ", ".join(f"{k} {v}" for k, v in demo.models.items()),
-              f"  results        {demo.demo_dir / 'evaluation.json'}",
-              f"  step logs      {demo.demo_dir / 'logs'}",
-              "", "next:"]  # fmt: skip
-    return "\n".join(lines + [f"  {command}" for command in next_commands(demo)])
-
-
-def summary(demo: Demo, seconds: float) -> dict[str, Any]:
-    return {"seconds": seconds, "steps": [dataclasses.asdict(r) for r in demo.results], "models": demo.models,
-            "datasets": demo.datasets, "metrics": demo.evaluation.get("metrics", {}),
-            "chance": demo.evaluation.get("chance", {}), "split": demo.evaluation.get("split", {})}  # fmt: skip
 
 
 def _terminal() -> IO[str]:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import sys
 import tempfile
 from collections.abc import Sequence
 from typing import Any
@@ -40,7 +41,16 @@ def job_main(job: Job[Any, Any], argv: Sequence[str] | None, *, prog: str, descr
         return 0
     prepared = job.prepare(config)
     _print_plan(job, name, storage, prepared)
-    result = launch(job, config, prepared)
+    import ray.train
+
+    try:
+        result = launch(job, config, prepared)
+    except ray.train.TrainingFailedError as err:
+        # Out of run.max_failures: the last checkpoint stays, and the same command resumes from it
+        # (on another scaling.num_workers too). One summary line after Ray's own error report.
+        print(f"{job.name}: training failed ({type(err).__name__}); relaunch the same command "
+              f"(run {name}) to resume from its last checkpoint", file=sys.stderr, flush=True)  # fmt: skip
+        return 1
     return 0 if result.error is None else 1
 
 
@@ -59,6 +69,7 @@ def launch(job: Job[Any, Any], config: TrainJobConfig, prepared: Prepared[Any]) 
     from ray.train.torch import TorchConfig, TorchTrainer
 
     from jobs.deepspeed_ops import configure_environment
+    from jobs.trainer import global_batch
     from pipelines.catalog import Catalog
     from pipelines.cli_common import ensure_ray
     from pipelines.datasets import drop_holdout
@@ -87,7 +98,10 @@ def launch(job: Job[Any, Any], config: TrainJobConfig, prepared: Prepared[Any]) 
             backend="nccl" if scaling.use_gpu else "gloo", timeout_s=config.run.collective_timeout_s
         ),
         scaling_config=ScalingConfig(
-            num_workers=scaling.num_workers,
+            # [min, max]: an elastic group; a restart at any size resumes (jobs.elastic)
+            num_workers=tuple(scaling.num_workers)
+            if isinstance(scaling.num_workers, list)
+            else scaling.num_workers,
             use_gpu=scaling.use_gpu,
             resources_per_worker={"CPU": scaling.cpus_per_worker}
             | ({"GPU": scaling.gpus_per_worker} if scaling.use_gpu else {}),
@@ -103,7 +117,8 @@ def launch(job: Job[Any, Any], config: TrainJobConfig, prepared: Prepared[Any]) 
         dataset_config=DataConfig(execution_options=ExecutionOptions(preserve_order=True)),
     )
     print(
-        f"{job.name}: {scaling.num_workers} workers ({'GPU' if scaling.use_gpu else 'CPU'})",
+        f"{job.name}: {_workers(scaling.num_workers)} workers ({'GPU' if scaling.use_gpu else 'CPU'}), "
+        f"global batch {global_batch(config)}",
         flush=True,
     )
     result = trainer.fit()
@@ -113,6 +128,12 @@ def launch(job: Job[Any, Any], config: TrainJobConfig, prepared: Prepared[Any]) 
         print(f"{job.name}: registered {info['uri']}" if "uri" in info else f"{job.name}: {info['deferred']}",
               flush=True)  # fmt: skip
     return result
+
+
+def _workers(num_workers: int | list[int]) -> str:
+    return (
+        f"{num_workers[0]}-{num_workers[1]}" if isinstance(num_workers, list) else str(num_workers)
+    )
 
 
 def _entry(loop_config: dict[str, WorkerSpec[Any, Any]]) -> None:

@@ -66,6 +66,8 @@ EXCLUDES = [
     ".ruff_cache",
     "*.egg-info",
     "seed-data",
+    "seed-demo",
+    "bench-demo",
     "mlruns",
     "mlartifacts",
     "mlflow.db",

@@ -7,9 +7,11 @@ position and RNG), resume from `ray.train.get_checkpoint()`, rank-0 MLflow loggi
 `RunTracker` (stable run id, outage-proof), the end-of-run export.
 
 Data position: each rank reads its `streaming_split` shard in a deterministic order
-(`preserve_order`, seeded local shuffle per epoch) and counts batches; a resumed run skips the
-Arrow batches of the current epoch already consumed (uncollated: skipping costs the read, not
-the tokenization or tensor building), so it sees the same next batches.
+(`preserve_order`, seeded local shuffle per epoch) and records the keys it consumed in the
+epoch; a resumed run drops those rows from its shard before collating (skipping costs the read,
+not the tokenization or tensor building), so on the same number of ranks it sees the same next
+batches, and on another number (`jobs.elastic`: universal checkpoint, same global batch) it sees
+each remaining row of the epoch once.
 
 Everything a worker gets is the typed `jobs.job.WorkerSpec`: the job object, its validated config,
 its `Inputs` dataclass and the `RunContext`.
@@ -23,6 +25,7 @@ import logging
 import math
 import os
 import random
+import re
 import signal
 import tempfile
 import time
@@ -30,10 +33,24 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pyarrow as pa
 import torch
 from torch import nn
 
 from jobs.config import TrainJobConfig
+from jobs.elastic import (
+    KEY_COLUMN,
+    UNIVERSAL_DIR,
+    BatchLayout,
+    batch_layout,
+    checkpoint_info,
+    load_consumed_keys,
+    record_resize,
+    save_consumed_keys,
+    to_universal,
+    unconsumed_batches,
+    worker_bounds,
+)
 from jobs.job import JobParts, RunContext, WorkerSpec
 
 logger = logging.getLogger(__name__)
@@ -81,17 +98,29 @@ def training_precision(config: TrainJobConfig) -> str:
     return precision
 
 
-def deepspeed_config(config: TrainJobConfig) -> dict[str, Any]:
+def global_batch(config: TrainJobConfig) -> int:
+    """Samples per optimizer step: `batch_size_per_worker` x the configured (largest) worker count.
+    It stays the same when a run resumes on another number of workers (`jobs.elastic`)."""
+    return config.optim.batch_size_per_worker * worker_bounds(config.scaling.num_workers)[1]
+
+
+def deepspeed_config(
+    config: TrainJobConfig, layout: BatchLayout | None = None, *, load_universal: bool = False
+) -> dict[str, Any]:
     """The DeepSpeed config dict of a job config (the optimizer and scheduler are passed as torch
-    objects: a DeepSpeed-config optimizer would JIT-build fused_adam on CPU, PITFALLS.md)."""
+    objects: a DeepSpeed-config optimizer would JIT-build fused_adam on CPU, PITFALLS.md).
+    `layout`: the micro batch and accumulation on this run's ranks (default: the configured
+    per-worker batch, no accumulation); `load_universal`: the checkpoint to load is a universal one."""
     precision = training_precision(config)
+    micro = layout.micro_batch if layout else config.optim.batch_size_per_worker
     return {
-        "train_micro_batch_size_per_gpu": config.optim.batch_size_per_worker,
-        "gradient_accumulation_steps": 1,
+        "train_micro_batch_size_per_gpu": micro,
+        "gradient_accumulation_steps": layout.accumulation if layout else 1,
         "gradient_clipping": config.optim.grad_clip,
         "zero_optimization": {"stage": config.deepspeed.zero_stage},
         "bf16": {"enabled": precision == "bf16"},
         "fp16": {"enabled": precision == "fp16"},
+        "checkpoint": {"load_universal": load_universal},
         "steps_per_print": 10**9,
         "wall_clock_breakdown": False,
     }
@@ -112,7 +141,6 @@ def _set_rng_state(state: dict[str, Any]) -> None:
 
 def train_loop_per_worker(spec: WorkerSpec[Any, Any]) -> None:
     """Ray Train entry point: build, prepare, iterate the dataset shard, step, report."""
-    import deepspeed
     import ray.train
     import ray.train.torch
 
@@ -128,54 +156,48 @@ def train_loop_per_worker(spec: WorkerSpec[Any, Any]) -> None:
     np.random.seed(seed + rank)
     random.seed(seed + rank)
     parts = spec.job.build(config, spec.inputs, ctx)
-    optim = config.optim
-    optimizer = torch.optim.AdamW(
-        param_groups(parts.task, optim.weight_decay), lr=optim.lr, betas=tuple(optim.betas)
-    )
-    schedule = torch.optim.lr_scheduler.LambdaLR(
-        optimizer,
-        lambda s: lr_lambda(s, lr=optim.lr, warmup_start_lr=optim.warmup_start_lr,
-                            warmup_steps=optim.warmup_steps, max_steps=optim.max_steps, min_lr=optim.min_lr),
-    )  # fmt: skip
-    engine, _, _, _ = deepspeed.initialize(
-        model=parts.task,
-        optimizer=optimizer,
-        lr_scheduler=schedule,
-        config=deepspeed_config(config),
-    )
-    state = _resume(engine, parts, rank)
+    with contextlib.ExitStack() as stack:
+        engine, state, consumed_before, layout = _start(spec, parts, ctx, stack)
     tracker = _open_tracker(spec, ctx) if rank == 0 else None
     shard = ray.train.get_dataset_shard("train")
     device = ray.train.torch.get_device()
-    max_steps, bs = optim.max_steps, optim.batch_size_per_worker
+    max_steps, micro = config.optim.max_steps, layout.micro_batch
     metrics_log = ctx.run_dir / "metrics.jsonl"
     step = state0 = state["step"]
+    # This rank's keys of the current epoch; rank 0 also carries those consumed before a resume,
+    # so that every checkpoint holds the epoch's whole consumed set (`jobs.elastic`).
+    consumed: list[str] = consumed_before.to_pylist() if rank == 0 else []
     start: float | None = None  # set at the first batch: throughput excludes Ray Data's start-up
     while step < max_steps:
-        batches = shard.iter_batches(batch_size=bs, drop_last=True, batch_format="pyarrow",
-                                     local_shuffle_buffer_size=4 * bs, local_shuffle_seed=seed + state["epoch"])  # fmt: skip
+        batches = shard.iter_batches(batch_size=micro, drop_last=True, batch_format="pyarrow",
+                                     local_shuffle_buffer_size=4 * micro, local_shuffle_seed=seed + state["epoch"])  # fmt: skip
         seen = 0
-        for arrow_batch in batches:
-            if seen < state["batches_in_epoch"]:
-                seen += 1  # consumed before the restart: skipped before collating
-                continue
+        for arrow_batch in unconsumed_batches(batches, consumed_before, micro):
+            consumed.extend(arrow_batch.column(KEY_COLUMN).to_pylist())
             batch = {k: v.to(device) for k, v in parts.collate(arrow_batch).items()}
             if start is None:
                 start = time.monotonic()
             if config.fault.kill_at_step == step and config.fault.rank == rank:
-                _kill_once(ctx.run_dir, step)
+                _kill_once(ctx.run_dir, step, config.run.checkpoint_every)
             engine.train()
             out = engine(batch)
             engine.backward(out.loss)
+            boundary = engine.is_gradient_accumulation_boundary()
             engine.step()
-            step += 1
             seen += 1
-            state.update(step=step, batches_in_epoch=seen)
+            if not boundary:
+                continue  # accumulating: the optimizer steps on the last micro batch
+            step += 1
+            state.update(step=step, world=world)
+            # with accumulation (a resumed run on fewer ranks), the step's metrics and on_step
+            # (stage 2's code usage) are those of its last micro batch
             metrics = _step_metrics(out, engine, world)
             if parts.on_step:
                 metrics |= parts.on_step(engine, out, step)
             if tracker and (step % config.run.log_every == 0 or step == max_steps):
-                metrics["samples_per_s"] = (step - state0) * bs * world / (time.monotonic() - start)
+                metrics["samples_per_s"] = (
+                    (step - state0) * layout.global_batch / (time.monotonic() - start)
+                )
                 tracker.log_metrics(metrics, step=step)
                 _append_jsonl(metrics_log, {"step": step, "metrics": metrics})
             if parts.evaluate and config.eval_every and step % config.eval_every == 0:
@@ -187,40 +209,128 @@ def train_loop_per_worker(spec: WorkerSpec[Any, Any]) -> None:
                     tracker.log_metrics(evals, step=step)
                     _append_jsonl(metrics_log, {"step": step, "metrics": evals})
             if step % config.run.checkpoint_every == 0 or step == max_steps:
-                _save_and_report(engine, parts, ctx, state, metrics)
+                _save_and_report(engine, parts, ctx, state, metrics, consumed)
             if step >= max_steps:
                 break
         if step < max_steps:
-            if seen == 0:
+            if seen == 0 and len(consumed_before) == 0:
                 raise ValueError(
                     "the training dataset shard yielded no full batch: more data or a smaller batch size"
                 )
-            state.update(epoch=state["epoch"] + 1, batches_in_epoch=0)
+            state.update(epoch=state["epoch"] + 1)
+            consumed_before, consumed = pa.array([], pa.string()), []
     _finish(engine, parts, spec, ctx, tracker)
 
 
-def _resume(engine: Any, parts: JobParts, rank: int) -> dict[str, Any]:
-    """The loop state of the last checkpoint (DeepSpeed state, RNG, job state loaded), or a fresh one."""
+def _start(spec: WorkerSpec[Any, Any], parts: JobParts, ctx: RunContext,
+           stack: contextlib.ExitStack) -> tuple[Any, dict[str, Any], pa.Array, BatchLayout]:  # fmt: skip
+    """The DeepSpeed engine, the loop state, the keys already consumed in its epoch and the batch
+    layout: fresh, or from Ray Train's latest checkpoint. A checkpoint written by another number
+    of ranks is converted to DeepSpeed's universal format first (rank 0, once; the others wait).
+    A resumed run keeps the global batch it was started with, whatever the config says now."""
+    import deepspeed
     import ray.train
+    import torch.distributed as dist
 
+    config, optim = spec.config, spec.config.optim
+    optimizer = torch.optim.AdamW(
+        param_groups(parts.task, optim.weight_decay), lr=optim.lr, betas=tuple(optim.betas)
+    )
+    schedule = torch.optim.lr_scheduler.LambdaLR(
+        optimizer,
+        lambda s: lr_lambda(s, lr=optim.lr, warmup_start_lr=optim.warmup_start_lr,
+                            warmup_steps=optim.warmup_steps, max_steps=optim.max_steps, min_lr=optim.min_lr),
+    )  # fmt: skip
     checkpoint = ray.train.get_checkpoint()
-    if not checkpoint:
-        return {"step": 0, "epoch": 0, "batches_in_epoch": 0}
-    with checkpoint.as_directory() as d:
-        state = json.loads(Path(d, STATE_FILE).read_text())
-        # DeepSpeed's own loader unpickles its state files: they are ours, written by this loop.
-        engine.load_checkpoint(d, tag=state["tag"], load_module_strict=True)
-        rng = Path(d, f"rng_rank{rank}.pt")
-        if rng.exists():
-            _set_rng_state(torch.load(rng, weights_only=True))
-        job_state = Path(d, JOB_STATE_FILE)
-        saved = json.loads(job_state.read_text()) if job_state.exists() else {}
-        for name, obj in parts.stateful.items():
-            if name in saved:
-                obj.load_state_dict(saved[name])
-    logger.warning("rank %d resumed at step %d (epoch %d, batch %d)", rank, state["step"],
-                   state["epoch"], state["batches_in_epoch"])  # fmt: skip
-    return state
+    ckpt_dir = Path(stack.enter_context(checkpoint.as_directory())) if checkpoint else None
+    saved = json.loads((ckpt_dir / STATE_FILE).read_text()) if ckpt_dir else None
+    configured = global_batch(config)
+    # a checkpoint from before elastic resume: its global batch was the per-worker one x its world
+    run_batch = (saved.get("global_batch") or optim.batch_size_per_worker * saved.get("world", ctx.world)
+                 if saved else configured)  # fmt: skip
+    if run_batch != configured and ctx.rank == 0:
+        logger.warning(
+            "keeping the run's global batch of %d (the config now gives %d)", run_batch, configured
+        )
+    layout = batch_layout(run_batch, optim.batch_size_per_worker, ctx.world)
+    # checkpoints written before elastic resume existed carry no world: they were never resized
+    resized = saved is not None and saved.get("world", ctx.world) != ctx.world
+    if ctx.rank == 0:
+        _drop_lost_checkpoints(ctx.run_dir, saved["step"] if saved else 0)
+    load_dir = ckpt_dir
+    if saved is not None and resized:
+        assert ckpt_dir is not None
+        if ctx.rank == 0:
+            to_universal(ckpt_dir, saved["tag"], ctx.run_dir)
+        if dist.is_initialized():
+            dist.barrier()
+        load_dir = ctx.run_dir / UNIVERSAL_DIR
+    engine, _, _, _ = deepspeed.initialize(
+        model=parts.task, optimizer=optimizer, lr_scheduler=schedule,
+        config=deepspeed_config(config, layout, load_universal=resized),
+    )  # fmt: skip
+    if saved is None or ckpt_dir is None or load_dir is None:
+        fresh = {"step": 0, "epoch": 0, "world": ctx.world, "global_batch": layout.global_batch}
+        return engine, fresh, pa.array([], pa.string()), layout
+    # DeepSpeed's own loader unpickles its state files: they are ours, written by this loop.
+    engine.load_checkpoint(str(load_dir), tag=saved["tag"], load_module_strict=True)
+    rng = ckpt_dir / f"rng_rank{ctx.rank}.pt"
+    if rng.exists():  # a rank that did not exist before a grow starts from its seed
+        _set_rng_state(torch.load(rng, weights_only=True))
+    job_state = ckpt_dir / JOB_STATE_FILE
+    stored = json.loads(job_state.read_text()) if job_state.exists() else {}
+    for name, obj in parts.stateful.items():
+        if name in stored:
+            obj.load_state_dict(stored[name])
+    consumed = load_consumed_keys(ckpt_dir)
+    if resized and ctx.rank == 0:
+        record_resize(ctx.run_dir, {"step": saved["step"], "epoch": saved["epoch"], "from_workers": saved["world"],
+                                    "to_workers": ctx.world, "micro_batch": layout.micro_batch,
+                                    "accumulation": layout.accumulation, "global_batch": layout.global_batch,
+                                    "consumed_in_epoch": len(consumed), "weights_sha256": module_digest(engine.module),
+                                    "time": time.time()})  # fmt: skip
+    logger.warning("rank %d resumed at step %d (epoch %d, %d rows of it consumed) on %d workers%s", ctx.rank,
+                   saved["step"], saved["epoch"], len(consumed), ctx.world,
+                   f" (was {saved['world']})" if resized else "")  # fmt: skip
+    return (
+        engine,
+        saved | {"world": ctx.world, "global_batch": layout.global_batch},
+        consumed,
+        layout,
+    )
+
+
+def _drop_lost_checkpoints(run_dir: Path, step: int) -> None:
+    """Delete the checkpoint folders of steps after `step` (the one resumed from): an attempt that
+    died wrote them, but Ray Train never registered them. Left in place, this attempt would write
+    its own files of the same step into them and mix its ranks' files with the dead attempt's (a
+    stale `zero_pp_rank_1` beside a 1-rank checkpoint)."""
+    import shutil
+
+    for folder in [run_dir, run_dir / UNIVERSAL_DIR]:
+        for path in folder.glob("step*"):
+            if (
+                re.fullmatch(r"step\d{8}", path.name)
+                and int(path.name[4:]) > step
+                and path.is_dir()
+            ):
+                logger.warning(
+                    "removing %s: written after step %d by an attempt that died", path, step
+                )
+                shutil.rmtree(path, ignore_errors=True)
+
+
+def module_digest(module: nn.Module) -> str:
+    """sha256 over the module's parameters and buffers (name, dtype, shape, fp32 bytes), in order:
+    the same weights give the same digest whatever the number of ranks that trained them."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for name, tensor in module.state_dict().items():
+        t = tensor.detach().to("cpu")
+        h.update(f"{name}:{t.dtype}:{tuple(t.shape)}".encode())
+        h.update(t.float().contiguous().numpy().tobytes())
+    return h.hexdigest()
 
 
 def _append_jsonl(path: Path, record: dict[str, Any]) -> None:
@@ -256,15 +366,17 @@ def _step_metrics(out: Any, engine: Any, world: int) -> dict[str, float]:
 
 
 def _save_and_report(engine: Any, parts: JobParts, ctx: RunContext, state: dict[str, Any],
-                     metrics: dict[str, float]) -> None:  # fmt: skip
-    """Every rank writes its DeepSpeed shard to a local dir; Ray Train merges them into one checkpoint."""
+                     metrics: dict[str, float], consumed: list[str]) -> None:  # fmt: skip
+    """Every rank writes its DeepSpeed shard, its RNG and the keys it consumed in this epoch to a
+    local dir; Ray Train merges them into one checkpoint."""
     import ray.train
     from ray.train import Checkpoint
 
     tag = f"step{state['step']:08d}"
     with tempfile.TemporaryDirectory(prefix="seedpipe-ckpt-") as tmp:
-        engine.save_checkpoint(tmp, tag=tag)
+        engine.save_checkpoint(tmp, tag=tag, client_state=checkpoint_info())
         torch.save(_rng_state(), Path(tmp, f"rng_rank{ctx.rank}.pt"))
+        save_consumed_keys(Path(tmp), ctx.rank, consumed)
         if ctx.rank == 0:
             Path(tmp, STATE_FILE).write_text(json.dumps(state | {"tag": tag}))
             Path(tmp, CONFIG_FILE).write_text(ctx.resolved_yaml)
@@ -276,11 +388,22 @@ def _save_and_report(engine: Any, parts: JobParts, ctx: RunContext, state: dict[
                          checkpoint=Checkpoint.from_directory(tmp), checkpoint_dir_name=tag)  # fmt: skip
 
 
-def _kill_once(run_dir: Path, step: int) -> None:
-    """Fault injection: SIGKILL this process the first time step `kill_at_step` is reached in this run."""
+def _kill_once(run_dir: Path, step: int, checkpoint_every: int) -> None:
+    """Fault injection: SIGKILL this process the first time step `kill_at_step` is reached in this
+    run, once Ray Train has registered the last checkpoint before it. Ray Train V2's controller
+    registers a reported checkpoint when it next polls the workers: a worker that dies before
+    that loses it (the run then resumes from an earlier one), a race the tests must not depend on."""
     marker = run_dir / f"fault_injected_step{step}"
     if marker.exists():
         return
+    last = step - step % checkpoint_every
+    if last > 0:
+        snapshot = run_dir / "checkpoint_manager_snapshot.json"
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline and not (
+            snapshot.is_file() and f"step{last:08d}" in snapshot.read_text()
+        ):
+            time.sleep(0.1)
     marker.parent.mkdir(parents=True, exist_ok=True)
     marker.write_text(str(os.getpid()))
     logger.warning("fault injection: SIGKILL rank process %d at step %d", os.getpid(), step)

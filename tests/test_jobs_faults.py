@@ -1,4 +1,5 @@
-"""Fault tolerance of the training jobs: a killed worker, a killed driver, a tracking server outage.
+"""Fault tolerance of the training jobs: a killed worker, a killed driver relaunched on another
+number of workers (elastic resume), a tracking server outage.
 
 They run on the catalog the README chain built (tests/chain.py): its features, and its stage-1
 run as the uninterrupted reference, so no stage-1 job is run twice for these tests.
@@ -16,6 +17,7 @@ from collections import Counter
 from pathlib import Path
 
 import pytest
+import torch
 from mlflow import MlflowClient
 
 from jobs import train_tokenizer
@@ -27,6 +29,7 @@ from tests.process_tree import kill_driver_and_ray
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(2400)]  # the session chain may build here
 REPO = Path(__file__).resolve().parents[1]
 STAGE1 = str(CONFIG_DIR / "tiny_stage1.yaml")
+STAGE2 = str(CONFIG_DIR / "tiny_stage2.yaml")
 
 
 @pytest.fixture(scope="module")
@@ -67,13 +70,20 @@ def test_killed_worker_resumes_from_the_last_checkpoint(root):
         assert killed[step] == pytest.approx(clean[step], rel=1e-4, abs=1e-6), step
 
 
-def test_relaunched_driver_resumes_the_same_run(root, tmp_path):
-    """The driver process (and its local Ray) SIGKILLed after a checkpoint; the same command again
-    resumes from it in the same MLflow run, with every step logged exactly once."""
-    run_dir = root / "runs" / "driver"
+def test_relaunched_driver_resumes_the_same_run_on_another_number_of_workers(root, tmp_path):
+    """Stage 2's driver (and its local Ray) SIGKILLed after the step-3 checkpoint of a 2-worker
+    run; the same command with scaling.num_workers=1 resumes it in the same MLflow run with every
+    step logged once: the checkpoint converted to DeepSpeed's universal format and its very weights
+    loaded, the global batch kept (4 x 2 accumulated), each row of the epoch consumed once."""
+    from jobs.elastic import load_consumed_keys
+    from jobs.trainer import module_digest
+
+    run_dir = root / "runs" / "relaunched"
     ray_tmp = f"/tmp/rd{os.getpid()}"
-    cmd = [sys.executable, "-m", "jobs.train_tokenizer", "--stage", "1", "--config", STAGE1, f"root={root}",
-           f"corpus={CORPUS}", "run.name=driver", "optim.max_steps=20"]  # fmt: skip
+    cmd = [sys.executable, "-m", "jobs.train_tokenizer", "--stage", "2", "--config", STAGE2, f"root={root}",
+           f"corpus={CORPUS}", "stage1=models:/seed-tokenizer-stage1/1", "run.name=relaunched",
+           "register_as=seed-tokenizer-relaunched", "optim.max_steps=9", "run.checkpoint_every=3",
+           "run.keep_checkpoints=3"]  # fmt: skip
     env = os.environ | {"PYTHONPATH": str(REPO), "RAY_TMPDIR": ray_tmp}
     env.pop("RAY_ADDRESS", None)
     with open(tmp_path / "first.log", "wb") as log:
@@ -82,28 +92,58 @@ def test_relaunched_driver_resumes_the_same_run(root, tmp_path):
         )
     try:
         deadline = time.monotonic() + 300
-        # Ray Train's record of registered checkpoints: kill only once step 5 is in it.
+        # Ray Train's record of registered checkpoints: kill only once step 3 is in it.
         snapshot = run_dir / "checkpoint_manager_snapshot.json"
 
         def registered() -> bool:
-            return snapshot.exists() and "step00000005" in snapshot.read_text()
+            return snapshot.exists() and "step00000003" in snapshot.read_text()
 
         while time.monotonic() < deadline and not registered():
             assert proc.poll() is None, (tmp_path / "first.log").read_text()[-3000:]
             time.sleep(0.2)
-        assert "step00000005" in snapshot.read_text()
+        assert "step00000003" in snapshot.read_text()
     finally:
         kill_driver_and_ray(proc, ray_tmp)
     run_id = (run_dir / "mlflow_run_id").read_text().strip()
-    second = subprocess.run(
-        cmd, env=env | {"RAY_TMPDIR": ray_tmp + "b"}, capture_output=True, text=True, timeout=400
-    )
+    second = subprocess.run([*cmd, "scaling.num_workers=1"], env=env | {"RAY_TMPDIR": ray_tmp + "b"},
+                            capture_output=True, text=True, timeout=400)  # fmt: skip
     assert second.returncode == 0, second.stdout[-3000:] + second.stderr[-3000:]
     assert "resumed at step" in second.stdout + second.stderr
     client = MlflowClient(f"sqlite:///{root}/mlflow.db")
     again, logged = loss_steps(client, run_dir)
-    assert again == run_id
-    assert logged == Counter(range(1, 21))
+    assert again == run_id and client.get_run(run_id).info.status == "FINISHED"
+    assert logged == Counter(range(1, 10))
+
+    resizes = [json.loads(line) for line in (run_dir / "resizes.jsonl").read_text().splitlines()]
+    (resize,) = resizes
+    assert (resize["from_workers"], resize["to_workers"]) == (2, 1) and resize["step"] >= 3
+    assert (resize["global_batch"], resize["micro_batch"], resize["accumulation"]) == (8, 4, 2)
+    tag = f"step{resize['step']:08d}"
+    saved = torch.load(run_dir / tag / tag / "mp_rank_00_model_states.pt", map_location="cpu",
+                       weights_only=False)["module"]  # fmt: skip
+    assert resize["weights_sha256"] == module_digest(_SavedModule(saved))
+    assert (run_dir / "universal" / tag / "zero").is_dir()
+
+    # keys consumed in the epoch: those of the 2-rank checkpoint are carried by the later ones,
+    # none twice, 8 per step
+    state = json.loads((run_dir / "step00000009" / "trainer_state.json").read_text())
+    assert state["world"] == 1 and state["step"] == 9
+    before = load_consumed_keys(run_dir / tag).to_pylist()
+    assert len(before) == len(set(before)) == resize["step"] * 8
+    if state["epoch"] == 0:
+        after = load_consumed_keys(run_dir / "step00000009").to_pylist()
+        assert len(after) == len(set(after)) == 9 * 8 and set(before) <= set(after)
+
+
+class _SavedModule(torch.nn.Module):
+    """A module whose state_dict is a saved one, to digest it the way the trainer does."""
+
+    def __init__(self, state: dict[str, torch.Tensor]) -> None:
+        super().__init__()
+        self._saved = state
+
+    def state_dict(self, *args, **kwargs):  # type: ignore[override]
+        return self._saved
 
 
 def test_tracking_server_outage_does_not_kill_the_job(root, tmp_path, monkeypatch):

@@ -48,8 +48,9 @@ def featurize(images: list[bytes], preset) -> torch.Tensor:
 
 def train_stage1(*, num_images: int = NUM_IMAGES, holdout: int = HOLDOUT, batch_size: int = BATCH,
                  steps: int = STEPS, lr: float = 3e-3, preset_name: str = "tiny", seed: int = 0,
-                 groups: bool = True) -> dict[str, float]:  # fmt: skip
-    """Featurize, train `steps` ITC steps, evaluate on the held-out images; the numbers as a dict."""
+                 groups: bool = True, keep: dict | None = None) -> dict[str, float]:  # fmt: skip
+    """Featurize, train `steps` ITC steps, evaluate on the held-out images; the numbers as a dict.
+    `keep`: filled with the trained task, the train/held-out tensors and captions (for stage 2)."""
     from jobs.metrics import dedupe_captions, retrieval_chance
     from jobs.stage1 import caption_groups, itc_retrieval
     from jobs.trainer import lr_lambda, param_groups
@@ -103,6 +104,8 @@ def train_stage1(*, num_images: int = NUM_IMAGES, holdout: int = HOLDOUT, batch_
     unique, group_I = dedupe_captions(captions[-holdout:])
     chance = retrieval_chance(group_I, np.arange(len(unique)))
     tail = max(1, steps // 10)
+    if keep is not None:
+        keep.update(task=task, train=train, held=held, captions=captions[-holdout:], preset=preset)
     return {
         "first_loss": float(np.mean(losses[:tail])),
         "final_loss": float(np.mean(losses[-tail:])),
@@ -112,6 +115,59 @@ def train_stage1(*, num_images: int = NUM_IMAGES, holdout: int = HOLDOUT, batch_
         "feature_std": float(features[:, 1:].std(dim=(1, 2)).mean()),
         "seconds": time.monotonic() - start,
     }  # fmt: skip
+
+
+def train_stage2(stage1: dict, *, steps: int = 150, batch_size: int = BATCH, lr: float = 3e-3,
+                 seed: int = 0) -> dict[str, float]:  # fmt: skip
+    """Stage 2 on the frozen stage-1 Q-Former's causal embeddings (the job's task and loss, the
+    generation term off: there is no target encoder here), then held-out retrieval from the
+    embeddings reconstructed from the 32 codes, the `*_codes` rows of `seedpipe evaluate`."""
+    from jobs.metrics import dedupe_captions, retrieval_chance
+    from jobs.stage1 import itc_retrieval
+    from seed_core.tasks import Stage2Config, Stage2Task
+    from seed_core.tokenizer import SeedTokenizer
+
+    qformer = stage1["task"].qformer.eval()
+    tok_cfg = stage1["preset"].tokenizer
+    tok_cfg.qformer = qformer.config
+    torch.manual_seed(seed)
+    task = Stage2Task(SeedTokenizer.from_qformer(qformer, tok_cfg), Stage2Config(gen_weight=0.0))
+    with torch.no_grad():
+        causal = task.tokenizer.embed(stage1["train"]["patch_features"])
+    target = torch.zeros(len(causal), *task.tokenizer.generation_decoder(
+        task.tokenizer.quantize(causal[:1]).quantized).shape[1:])  # fmt: skip
+    optimizer = torch.optim.AdamW([p for p in task.parameters() if p.requires_grad], lr=lr)
+    g = torch.Generator().manual_seed(seed)
+    losses = []
+    task.train()
+    for _ in range(steps):
+        idx = torch.randperm(len(causal), generator=g)[:batch_size]
+        out = task({"causal_embeds": causal[idx], task.target_key: target[idx]})
+        optimizer.zero_grad()
+        out.loss.backward()
+        optimizer.step()
+        losses.append(out.loss.item())
+    task.eval()
+
+    class FromCodes(torch.nn.Module):
+        """The Q-Former whose image queries are rebuilt from the tokenizer's 32 codes."""
+
+        def forward(self, patch_features):
+            return task.tokenizer.reconstruct(task.tokenizer.encode(patch_features))
+
+        image_feature, encode_text, text_feature = (
+            qformer.image_feature, qformer.encode_text, qformer.text_feature)  # fmt: skip
+
+    with torch.no_grad():
+        recall = itc_retrieval(FromCodes(), stage1["held"], stage1["captions"])
+        codes = task.tokenizer.encode(stage1["held"]["patch_features"])
+    unique, group_I = dedupe_captions(stage1["captions"])
+    chance = retrieval_chance(group_I, np.arange(len(unique)))
+    tail = max(1, steps // 10)
+    return {"first_loss": float(np.mean(losses[:tail])), "final_loss": float(np.mean(losses[-tail:])),
+            "i2t_r1_codes": recall["i2t_r1"], "t2i_r1_codes": recall["t2i_r1"],
+            "i2t_r1_chance": chance["i2t_r1"], "t2i_r1_chance": chance["t2i_r1"],
+            "codes_used": float(len(torch.unique(codes)))}  # fmt: skip
 
 
 class CaptionOracle(torch.nn.Module):
@@ -168,6 +224,25 @@ def test_stage1_learns_the_shapes_corpus():
     assert r["final_loss"] < r["chance_loss"] - 1.0, report
     assert r["i2t_r1"] >= 5 * r["i2t_r1_chance"], report
     assert r["t2i_r1"] >= 5 * r["t2i_r1_chance"], report
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(180)
+def test_codes_of_the_trained_tokenizer_beat_chance():
+    """Stage 2 on the learned stage-1 embeddings: its loss falls, and held-out retrieval from the
+    embeddings rebuilt from the 32 codes is at least 3x chance both ways (the demo's guard in CI)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        kept: dict = {}
+        train_stage1(keep=kept)
+        r = train_stage2(kept)
+    finally:
+        torch.set_num_threads(threads)
+    report = ", ".join(f"{k}={v:.4g}" for k, v in r.items())
+    assert r["final_loss"] < 0.5 * r["first_loss"], report
+    assert r["i2t_r1_codes"] >= 3 * r["i2t_r1_chance"], report
+    assert r["t2i_r1_codes"] >= 3 * r["t2i_r1_chance"], report
 
 
 if __name__ == "__main__":
