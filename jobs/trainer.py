@@ -287,7 +287,7 @@ def _start(spec: WorkerSpec[Any, Any], parts: JobParts, ctx: RunContext,
         record_resize(ctx.run_dir, {"step": saved["step"], "epoch": saved["epoch"], "from_workers": saved["world"],
                                     "to_workers": ctx.world, "micro_batch": layout.micro_batch,
                                     "accumulation": layout.accumulation, "global_batch": layout.global_batch,
-                                    "consumed_in_epoch": len(consumed), "weights_sha256": module_digest(engine.module),
+                                    "consumed_in_epoch": len(consumed), "weights_sha256": state_digest(engine.module.state_dict()),
                                     "time": time.time()})  # fmt: skip
     logger.warning("rank %d resumed at step %d (epoch %d, %d rows of it consumed) on %d workers%s", ctx.rank,
                    saved["step"], saved["epoch"], len(consumed), ctx.world,
@@ -320,13 +320,13 @@ def _drop_lost_checkpoints(run_dir: Path, step: int) -> None:
                 shutil.rmtree(path, ignore_errors=True)
 
 
-def module_digest(module: nn.Module) -> str:
-    """sha256 over the module's parameters and buffers (name, dtype, shape, fp32 bytes), in order:
-    the same weights give the same digest whatever the number of ranks that trained them."""
+def state_digest(state: dict[str, torch.Tensor]) -> str:
+    """sha256 over a state dict's tensors (name, dtype, shape, fp32 bytes), in order: the same
+    weights give the same digest whatever the number of ranks that trained them."""
     import hashlib
 
     h = hashlib.sha256()
-    for name, tensor in module.state_dict().items():
+    for name, tensor in state.items():
         t = tensor.detach().to("cpu")
         h.update(f"{name}:{t.dtype}:{tuple(t.shape)}".encode())
         h.update(t.float().contiguous().numpy().tobytes())

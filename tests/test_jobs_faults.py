@@ -76,7 +76,7 @@ def test_relaunched_driver_resumes_the_same_run_on_another_number_of_workers(roo
     step logged once: the checkpoint converted to DeepSpeed's universal format and its very weights
     loaded, the global batch kept (4 x 2 accumulated), each row of the epoch consumed once."""
     from jobs.elastic import load_consumed_keys
-    from jobs.trainer import module_digest
+    from jobs.trainer import state_digest
 
     run_dir = root / "runs" / "relaunched"
     ray_tmp = f"/tmp/rd{os.getpid()}"
@@ -121,7 +121,7 @@ def test_relaunched_driver_resumes_the_same_run_on_another_number_of_workers(roo
     tag = f"step{resize['step']:08d}"
     saved = torch.load(run_dir / tag / tag / "mp_rank_00_model_states.pt", map_location="cpu",
                        weights_only=False)["module"]  # fmt: skip
-    assert resize["weights_sha256"] == module_digest(_SavedModule(saved))
+    assert resize["weights_sha256"] == state_digest(saved)
     assert (run_dir / "universal" / tag / "zero").is_dir()
 
     # keys consumed in the epoch: those of the 2-rank checkpoint are carried by the later ones,
@@ -133,17 +133,6 @@ def test_relaunched_driver_resumes_the_same_run_on_another_number_of_workers(roo
     if state["epoch"] == 0:
         after = load_consumed_keys(run_dir / "step00000009").to_pylist()
         assert len(after) == len(set(after)) == 9 * 8 and set(before) <= set(after)
-
-
-class _SavedModule(torch.nn.Module):
-    """A module whose state_dict is a saved one, to digest it the way the trainer does."""
-
-    def __init__(self, state: dict[str, torch.Tensor]) -> None:
-        super().__init__()
-        self._saved = state
-
-    def state_dict(self, *args, **kwargs):  # type: ignore[override]
-        return self._saved
 
 
 def test_tracking_server_outage_does_not_kill_the_job(root, tmp_path, monkeypatch):
