@@ -307,3 +307,17 @@ def test_server_outage_is_queued_and_caught_up_exactly_once(tmp_path, mlflow_ser
     assert run.info.status == "FINISHED"
     print(f"server start seconds: {mlflow_server.start_seconds}, "
           f"logging latency while down: max {max(latencies) * 1e3:.1f} ms")  # fmt: skip
+
+
+def test_job_run_name_names_the_run_folder_once():
+    """The MLflow run name keeps an explicit run.name but never repeats `<job>-<corpus>`."""
+    from pipelines.tracking.run_tags import job_run_name
+
+    def name(folder: str) -> str:
+        return job_run_name(job="lora", corpus="shapes", folder=folder, params={"a": 1}, input_digests=["d"])
+
+    digest = name("lora-shapes").rsplit("-", 1)[1]
+    assert name("lora-shapes") == f"lora-shapes-{digest}"
+    assert name("lora-shapes-8fb1fe3343") == f"lora-shapes-8fb1fe3343-{digest}"  # seedpipe demo's
+    assert name("ablation") == f"lora-shapes-ablation-{digest}"
+    assert name("lora-shapes2") == f"lora-shapes-lora-shapes2-{digest}"

@@ -55,9 +55,11 @@ def experiment_digest(params: Mapping[str, Any], input_digests: Iterable[str]) -
 def job_run_name(*, job: str, corpus: str, folder: str, params: Mapping[str, Any],
                  input_digests: Iterable[str]) -> str:  # fmt: skip
     """`<job>-<corpus>[-<run.name>]-<short experiment digest>` (`folder` is the run folder name,
-    `<job>-<corpus>` unless run.name was set)."""
-    explicit = [] if folder == f"{job}-{corpus}" else [folder]
-    return "-".join([job, corpus, *explicit, experiment_digest(params, input_digests)[:SHORT]])
+    `<job>-<corpus>` unless run.name was set; a run.name that already starts with `<job>-<corpus>-`,
+    as `seedpipe demo` names its runs, is not prefixed twice)."""
+    prefix = f"{job}-{corpus}"
+    explicit = "" if folder == prefix else folder.removeprefix(f"{prefix}-")
+    return "-".join([prefix, *([explicit] if explicit else []), experiment_digest(params, input_digests)[:SHORT]])
 
 
 def job_run_tags(config: Any, datasets: Iterable[Any]) -> dict[str, str]:
