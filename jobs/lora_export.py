@@ -42,9 +42,10 @@ def build_tiny_llm(vocab_size: int, *, max_positions: int, tokenizer: Any, seed:
     leaves them (and the final layer norm) frozen, so the largest logit a text token can get is
     about |LN(h)| * |e| = sqrt(d) * 0.02 * sqrt(d) = 0.64 at d = 32: every caption token stays
     near 1/V however long LoRA trains (measured: the image-to-text loss sat at 5.6 nats, ln 400 =
-    6.0). A pretrained LM's output layer can put nearly all the mass on one token; so the linear
-    layers get unit gain (std 1/sqrt(d)) and the token embeddings a std that lets one logit reach
-    TINY_LLM_LOGIT_RANGE."""
+    6.0). A pretrained LM's output layer can put nearly all the mass on one token; so the token
+    embeddings get std TINY_LLM_LOGIT_RANGE / d, which lets one logit reach TINY_LLM_LOGIT_RANGE,
+    and the position embeddings the same (else the first layer norm would drown them). The linear
+    layers keep OPT's init: near-identity residual blocks for LoRA to write into."""
     import transformers
 
     hidden = 32

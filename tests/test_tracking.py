@@ -314,7 +314,9 @@ def test_job_run_name_names_the_run_folder_once():
     from pipelines.tracking.run_tags import job_run_name
 
     def name(folder: str) -> str:
-        return job_run_name(job="lora", corpus="shapes", folder=folder, params={"a": 1}, input_digests=["d"])
+        return job_run_name(
+            job="lora", corpus="shapes", folder=folder, params={"a": 1}, input_digests=["d"]
+        )
 
     digest = name("lora-shapes").rsplit("-", 1)[1]
     assert name("lora-shapes") == f"lora-shapes-{digest}"

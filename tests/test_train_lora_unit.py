@@ -10,6 +10,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import torch
+import yaml
 from safetensors.torch import load_file
 
 from jobs.config import CONFIG_DIR
@@ -18,6 +19,7 @@ from jobs.lora import LoraJob, LoraJobConfig, i2t_rows, resolve_tokens
 from jobs.lora_export import EXPORT_META, load_exported
 from pipelines.catalog import Catalog, DoneRecord
 from pipelines.config import load_config, to_yaml
+from pipelines.datasets import is_holdout
 from pipelines.schemas import to_fixed_list, tokens_schema
 
 pytestmark = pytest.mark.timeout(120)
@@ -51,7 +53,9 @@ def write_tokens(root, name: str = TOKENS, *, rows_per_shard: int = 24, shards: 
                 "key": keys,
                 "sha256": [f"{k}-sha" for k in keys],
                 "caption": [CAPTIONS[(s * n + i) % len(CAPTIONS)] for i in range(n)],
-                "codes": to_fixed_list(_codes(rng, codes_of_caption, s * n, n, informative), pa.int16()),
+                "codes": to_fixed_list(
+                    _codes(rng, codes_of_caption, s * n, n, informative), pa.int16()
+                ),
             },
             schema=schema,
         )
@@ -255,9 +259,11 @@ def test_export_writes_an_adapter_that_reloads(env, parts, tmp_path):
     assert torch.equal(model(**inputs).logits, expected)
 
 
-DEMO_LORA = ("lora.r=16", "lora.alpha=32", "lora.dropout=0.0",
-             "lora.target_modules=[q_proj,k_proj,v_proj,out_proj,fc1,fc2]")
-"""The LoRA settings of demo_lora.yaml."""
+DEMO_LORA = [
+    f"lora.{k}={v}"
+    for k, v in yaml.safe_load((CONFIG_DIR / "demo_lora.yaml").read_text())["lora"].items()
+]
+"""The LoRA settings of demo_lora.yaml, as overrides."""
 
 
 @pytest.mark.slow
@@ -270,8 +276,6 @@ def test_lora_on_the_tiny_llm_learns_to_caption_and_to_draw(tmp_path):
     config = LoraJob().resolve(tiny_config(tmp_path, "holdout=0.2", "eval_rows=32", *DEMO_LORA))
     prepared = LoraJob().prepare(config)
     parts = LoraJob().build(config, prepared.inputs, context(config))
-    from pipelines.datasets import is_holdout
-
     table = pa.concat_tables(pq.read_table(f) for f in prepared.train_files)
     table = table.filter(pa.array(~is_holdout(table.column("key").to_pylist(), config.holdout)))
     params = [p for p in parts.task.parameters() if p.requires_grad]

@@ -59,7 +59,13 @@ def job_run_name(*, job: str, corpus: str, folder: str, params: Mapping[str, Any
     as `seedpipe demo` names its runs, is not prefixed twice)."""
     prefix = f"{job}-{corpus}"
     explicit = "" if folder == prefix else folder.removeprefix(f"{prefix}-")
-    return "-".join([prefix, *([explicit] if explicit else []), experiment_digest(params, input_digests)[:SHORT]])
+    return "-".join(
+        [
+            prefix,
+            *([explicit] if explicit else []),
+            experiment_digest(params, input_digests)[:SHORT],
+        ]
+    )
 
 
 def job_run_tags(config: Any, datasets: Iterable[Any]) -> dict[str, str]:
