@@ -56,8 +56,14 @@ class RunSettings:
     collective_timeout_s: int = 300
     """torch.distributed timeout: a lost node fails the step in minutes, not 30."""
     seed: int = 0
+    epoch_cache_mb: int = 1024
+    """A rank whose training shard fits in this many MiB keeps it in memory after the first epoch
+    and serves later epochs from there, without re-running the Ray Data read (`jobs.epoch_cache`);
+    0 streams every epoch."""
 
     def __post_init__(self) -> None:
+        if self.epoch_cache_mb < 0:
+            raise ValueError(f"run.epoch_cache_mb must be >= 0, got {self.epoch_cache_mb}")
         if self.max_failures < -1:
             raise ValueError(f"run.max_failures must be >= -1, got {self.max_failures}")
         if self.checkpoint_every < 1:

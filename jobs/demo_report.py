@@ -43,7 +43,7 @@ def next_commands(demo: Demo) -> list[str]:
     prompt = (
         samples[-1].stem.split("-", 1)[1].replace("_", " ")
         if samples
-        else "a red circle at the top left on a white background"
+        else "a red ring at the top left on a white background"
     )
     wanted = [
         ("ui", f"seedpipe ui --root {root}"),

@@ -29,6 +29,7 @@ import re
 import signal
 import tempfile
 import time
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -51,6 +52,7 @@ from jobs.elastic import (
     unconsumed_batches,
     worker_bounds,
 )
+from jobs.epoch_cache import EpochCache
 from jobs.job import JobParts, RunContext, WorkerSpec
 
 logger = logging.getLogger(__name__)
@@ -168,9 +170,11 @@ def train_loop_per_worker(spec: WorkerSpec[Any, Any]) -> None:
     # so that every checkpoint holds the epoch's whole consumed set (`jobs.elastic`).
     consumed: list[str] = consumed_before.to_pylist() if rank == 0 else []
     start: float | None = None  # set at the first batch: throughput excludes Ray Data's start-up
+    cache = EpochCache(max_bytes=config.run.epoch_cache_mb << 20, key_column=KEY_COLUMN)
     while step < max_steps:
-        batches = shard.iter_batches(batch_size=micro, drop_last=True, batch_format="pyarrow",
-                                     local_shuffle_buffer_size=4 * micro, local_shuffle_seed=seed + state["epoch"])  # fmt: skip
+        batches = _epoch_batches(
+            shard, cache, micro=micro, seed=seed, epoch=state["epoch"], rank=rank
+        )
         seen = 0
         for arrow_batch in unconsumed_batches(batches, consumed_before, micro):
             consumed.extend(arrow_batch.column(KEY_COLUMN).to_pylist())
@@ -220,6 +224,26 @@ def train_loop_per_worker(spec: WorkerSpec[Any, Any]) -> None:
             state.update(epoch=state["epoch"] + 1)
             consumed_before, consumed = pa.array([], pa.string()), []
     _finish(engine, parts, spec, ctx, tracker)
+
+
+def _epoch_batches(shard: Any, cache: EpochCache, *, micro: int, seed: int, epoch: int,
+                   rank: int) -> Iterable[pa.Table]:  # fmt: skip
+    """One epoch of this rank's micro batches: streamed from Ray Data (seeded local shuffle) and
+    recorded into `cache`, or, once the cache holds a whole pass, a seeded permutation of it
+    (`jobs.epoch_cache`). A run resumed past its first epoch refills the cache first, so that it
+    serves the same order as the run it resumes."""
+
+    def stream() -> Iterable[pa.Table]:
+        return shard.iter_batches(batch_size=micro, drop_last=True, batch_format="pyarrow",
+                                  local_shuffle_buffer_size=4 * micro, local_shuffle_seed=seed + epoch)  # fmt: skip
+
+    if epoch > 0 and cache.enabled and not cache.ready:
+        cache.fill(stream())
+    if cache.ready:
+        return cache.epoch(seed=(seed, epoch, rank), batch_size=micro)
+    if epoch > 0 and rank == 0 and not cache.enabled:
+        logger.info("epoch %d streams from Ray Data: the shard is over run.epoch_cache_mb", epoch)
+    return cache.record(stream())
 
 
 def _start(spec: WorkerSpec[Any, Any], parts: JobParts, ctx: RunContext,

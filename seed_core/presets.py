@@ -46,6 +46,7 @@ class Preset:
 
 def _tokenizer(*, width: int, heads: int, layers: int, intermediate: int, vision_width: int, vocab: int,
                embed_dim: int, num_codes: int, code_dim: int, dec_layers: int, generation: GenerationDecoderConfig,
+               qformer_dropout: float = 0.1, cross_attention_frequency: int = 2,
                ) -> SeedTokenizerConfig:  # fmt: skip
     return SeedTokenizerConfig(
         qformer=QFormerConfig(
@@ -57,6 +58,8 @@ def _tokenizer(*, width: int, heads: int, layers: int, intermediate: int, vision
             encoder_hidden_size=vision_width,
             vocab_size=vocab,
             embed_dim=embed_dim,
+            dropout=qformer_dropout,
+            cross_attention_frequency=cross_attention_frequency,
         ),  # fmt: skip
         quantizer=QuantizerConfig(num_codes=num_codes, code_dim=code_dim, input_dim=width),
         reconstruction=DecoderConfig(
@@ -67,7 +70,8 @@ def _tokenizer(*, width: int, heads: int, layers: int, intermediate: int, vision
 
 
 def tiny(variant: str = "v2") -> Preset:
-    """CPU tests and demo: 32x32 images, 17 ViT tokens x 32, Q-Former 2 x 32, 128 codes x 8."""
+    """CPU tests and demo: 32x32 images, 17 ViT tokens x 32, Q-Former 2 x 32 (both layers cross-attend,
+    no dropout), 128 codes x 8."""
     width, heads = 32, 4
     blocks = DecoderConfig(width=width, num_layers=1, num_heads=heads, num_positions=NUM_QUERIES)
     if variant == "v2":
@@ -107,6 +111,14 @@ def tiny(variant: str = "v2") -> Preset:
             code_dim=8,
             dec_layers=1,
             generation=generation,
+            # BLIP-2's 0.1 dropout regularises a 12 x 768 Q-Former on 129M pairs; on 4 heads of
+            # width 8 it drowns the signal (3,000 scenes of circles/squares/triangles/diamonds,
+            # 1,500 plain-torch steps: held-out R@1 0.16 with it, 0.65 without).
+            qformer_dropout=0.0,
+            # BLIP-2 cross-attends every 2nd of 12 layers (6 looks at the image); every 2nd of 2
+            # is one look, and the demo scenes' position was then learnt by 1 seed in 2 (held-out
+            # R@1 0.46-0.52 at 1,500 plain-torch steps); every layer: 2 of 2 seeds, 0.93-0.94.
+            cross_attention_frequency=1,
         ),  # fmt: skip
     )
 

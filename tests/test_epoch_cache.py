@@ -1,0 +1,91 @@
+"""`jobs.epoch_cache.EpochCache`: later epochs from memory, in an order that depends on the rows
+and the seed only, bounded, and never serving a partial pass."""
+
+from __future__ import annotations
+
+import numpy as np
+import pyarrow as pa
+import pytest
+
+from jobs.epoch_cache import EpochCache
+
+KEY = "key"
+
+
+def batches(keys: list[str], size: int) -> list[pa.Table]:
+    table = pa.table({KEY: keys, "x": np.arange(len(keys), dtype=np.float32)})
+    return [table.slice(i, size) for i in range(0, len(keys) - size + 1, size)]
+
+
+def keys_of(tables) -> list[str]:
+    return [k for t in tables for k in t.column(KEY).to_pylist()]
+
+
+def test_a_recorded_pass_is_yielded_unchanged_then_served_as_a_seeded_permutation():
+    keys = [f"{i:04d}" for i in range(40)]
+    cache = EpochCache(max_bytes=1 << 20, key_column=KEY)
+    passed = keys_of(cache.record(batches(keys, 8)))
+    assert passed == keys and cache.ready and cache.num_rows == 40
+    first = list(cache.epoch(seed=(0, 1, 0), batch_size=8))
+    assert [t.num_rows for t in first] == [8] * 5
+    assert sorted(keys_of(first)) == keys and keys_of(first) != keys  # every row once, shuffled
+    assert keys_of(cache.epoch(seed=(0, 1, 0), batch_size=8)) == keys_of(first)  # reproducible
+    assert keys_of(cache.epoch(seed=(0, 2, 0), batch_size=8)) != keys_of(first)  # per epoch
+
+
+@pytest.mark.parametrize("seed", range(10))
+def test_the_epoch_order_depends_on_the_rows_not_on_their_arrival_order(seed):
+    """A resumed run refills the cache from a pass that may arrive in another order (Ray Data's
+    local shuffle is seeded by epoch): the served order must be the same."""
+    rng = np.random.default_rng(seed)
+    keys = [f"{i:04d}" for i in range(int(rng.integers(10, 60)))]
+    shuffled = list(rng.permutation(keys))
+    a, b = (
+        EpochCache(max_bytes=1 << 20, key_column=KEY),
+        EpochCache(max_bytes=1 << 20, key_column=KEY),
+    )
+    list(a.record(batches(keys, 1)))
+    assert b.fill(batches(shuffled, 1))
+    assert keys_of(a.epoch(seed=(seed, 3, 1), batch_size=4)) == keys_of(
+        b.epoch(seed=(seed, 3, 1), batch_size=4)
+    )
+
+
+def test_the_last_partial_batch_is_dropped():
+    cache = EpochCache(max_bytes=1 << 20, key_column=KEY)
+    list(cache.record(batches([f"{i}" for i in range(10)], 1)))
+    assert [t.num_rows for t in cache.epoch(seed=(0,), batch_size=4)] == [4, 4]
+
+
+def test_an_abandoned_pass_leaves_the_cache_unready():
+    """The run reached max_steps mid-epoch: a partial pass must never be served as an epoch."""
+    cache = EpochCache(max_bytes=1 << 20, key_column=KEY)
+    for i, _ in enumerate(cache.record(batches([f"{i}" for i in range(40)], 8))):
+        if i == 2:
+            break
+    assert not cache.ready and cache.enabled
+    with pytest.raises(RuntimeError, match="before a whole pass"):
+        next(cache.epoch(seed=(0,), batch_size=8))
+    assert keys_of(
+        cache.record(batches([f"{i}" for i in range(40)], 8))
+    )  # a later pass records anew
+    assert cache.ready and cache.num_rows == 40
+
+
+def test_a_shard_over_the_bound_streams_every_pass_and_nothing_is_lost():
+    keys = [f"{i:04d}" for i in range(64)]
+    one_batch = batches(keys, 8)[0].nbytes
+    cache = EpochCache(max_bytes=3 * one_batch, key_column=KEY)
+    assert keys_of(cache.record(batches(keys, 8))) == keys  # every row still reaches training
+    assert not cache.ready and not cache.enabled
+    assert not cache.fill(batches(keys, 8))
+    assert keys_of(cache.record(batches(keys, 8))) == keys
+
+
+def test_zero_disables_and_negative_is_refused():
+    cache = EpochCache(max_bytes=0, key_column=KEY)
+    assert not cache.enabled
+    list(cache.record(batches(["a", "b"], 1)))
+    assert not cache.ready
+    with pytest.raises(ValueError, match="max_bytes"):
+        EpochCache(max_bytes=-1, key_column=KEY)
