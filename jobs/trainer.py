@@ -7,7 +7,8 @@ position and RNG), resume from `ray.train.get_checkpoint()`, rank-0 MLflow loggi
 `RunTracker` (stable run id, outage-proof), the end-of-run export.
 
 Data position: each rank reads its `streaming_split` shard in a deterministic order
-(`preserve_order`, seeded local shuffle per epoch) and records the keys it consumed in the
+(`preserve_order`, seeded local shuffle per epoch; from the second epoch on, a seeded permutation
+of the rank's rows held by `jobs.epoch_cache` when they fit) and records the keys it consumed in the
 epoch; a resumed run drops those rows from its shard before collating (skipping costs the read,
 not the tokenization or tensor building), so on the same number of ranks it sees the same next
 batches, and on another number (`jobs.elastic`: universal checkpoint, same global batch) it sees
