@@ -251,9 +251,10 @@ RANDOM_POSITION_RMS = 0.5
 """RMS of the 2-D sin-cos patch position table that a random-init vision tower gets (the patch
 embedding's own output is ~0.3 RMS at init_std 0.02). Why not transformers' N(0, init_std): at
 0.02 a token barely says *where* it is, and a Q-Former's cross-attention, blind to token order,
-then cannot learn position at all (measured on the demo scenes: the retrieved caption had the
-right quadrant 28% of the time, chance 25%; with this table 97%). Pretrained ViTs encode position
-strongly; a stand-in must too. Larger (1.0) swamps the content and colour is lost."""
+then cannot learn position at all (plain-torch stage 1 on 3,000 demo scenes: the top retrieved
+caption had the right quadrant for 28% of held-out images after 600 steps, chance 25%; with this
+table 66% after 600 and 97% after 1,500). Pretrained ViTs encode position strongly; a stand-in must
+too. Larger (RMS 1.0, random rather than sin-cos) swamped the content: colour fell to 53%."""
 
 
 def sincos_positions(grid: int, width: int) -> torch.Tensor:
