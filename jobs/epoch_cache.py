@@ -67,11 +67,7 @@ class EpochCache:
             table = pa.concat_tables(self._tables) if self._tables else None
             self._tables = []
             if table is not None:
-                self._table = table.take(
-                    np.argsort(
-                        table.column(self.key_column).to_numpy(zero_copy_only=False), kind="stable"
-                    )  # fmt: skip
-                )
+                self._table = table.sort_by(self.key_column)
 
     def fill(self, batches: Iterable[pa.Table]) -> bool:
         """Read a whole pass into the cache without yielding it (a run resumed past its first

@@ -116,7 +116,7 @@ def tiny(variant: str = "v2") -> Preset:
             # 1,500 plain-torch steps: held-out R@1 0.16 with it, 0.65 without).
             qformer_dropout=0.0,
             # BLIP-2 cross-attends every 2nd of 12 layers (6 looks at the image); every 2nd of 2
-            # is one look, and the demo scenes' position was then learnt by 1 seed in 2 (held-out
+            # is one look, and the demo scenes' position was then learnt by neither of 2 seeds (held-out
             # R@1 0.46-0.52 at 1,500 plain-torch steps); every layer: 2 of 2 seeds, 0.93-0.94.
             cross_attention_frequency=1,
         ),  # fmt: skip
