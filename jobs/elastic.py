@@ -142,26 +142,36 @@ def load_consumed_keys(directory: Path) -> pa.Array:
     return pa.concat_arrays([pq.read_table(f).column(KEY_COLUMN).combine_chunks() for f in files])
 
 
-def unconsumed_batches(
-    batches: Iterable[pa.Table], consumed: pa.Array, size: int
-) -> Iterator[pa.Table]:
-    """`batches` without the rows whose key is in `consumed`, re-cut into batches of `size` (the
-    last partial one dropped, as `drop_last=True` does). With nothing consumed: `batches` as is."""
-    if len(consumed) == 0:
-        yield from batches
-        return
+def full_batches(batches: Iterable[pa.Table], size: int) -> Iterator[pa.Table]:
+    """`batches` re-cut into batches of exactly `size` rows, the last partial one dropped (what
+    `iter_batches(drop_last=True)` does); a batch already of `size` passes through uncopied."""
     pending: list[pa.Table] = []
     rows = 0
     for batch in batches:
-        keep = batch.filter(pc.invert(pc.is_in(batch.column(KEY_COLUMN), value_set=consumed)))
-        if keep.num_rows:
-            pending.append(keep)
-            rows += keep.num_rows
+        if not rows and batch.num_rows == size:
+            yield batch
+            continue
+        if batch.num_rows:
+            pending.append(batch)
+            rows += batch.num_rows
         while rows >= size:
             table = pa.concat_tables(pending)
             yield table.slice(0, size)
             rest = table.slice(size)
             pending, rows = ([rest] if rest.num_rows else []), rest.num_rows
+
+
+def unconsumed_batches(
+    batches: Iterable[pa.Table], consumed: pa.Array, size: int
+) -> Iterator[pa.Table]:
+    """`batches` without the rows whose key is in `consumed`, cut into batches of `size` (the
+    last partial one dropped, as `drop_last=True` does)."""
+    if len(consumed):
+        batches = (
+            batch.filter(pc.invert(pc.is_in(batch.column(KEY_COLUMN), value_set=consumed)))
+            for batch in batches
+        )
+    yield from full_batches(batches, size)
 
 
 def record_resize(run_dir: Path, record: dict[str, Any]) -> None:

@@ -12,7 +12,9 @@ batches of its first complete pass and serves each later epoch as a seeded permu
 - Bound: a shard over `max_bytes` stops being recorded at the first batch past the bound and
   streams from Ray Data every epoch, as without the cache (`max_bytes=0` disables it).
 - What is cached is the pass *before* `jobs.elastic.unconsumed_batches` drops a resumed epoch's
-  consumed keys, so the cache always holds the rank's whole shard.
+  consumed keys and the partial last batch, so the cache holds the rank's whole shard (the
+  trainer streams with `drop_last=False` for this: a cache of the full batches only would keep
+  the first pass's subset for good).
 """
 
 from __future__ import annotations

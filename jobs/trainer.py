@@ -229,13 +229,18 @@ def train_loop_per_worker(spec: WorkerSpec[Any, Any]) -> None:
 
 def _epoch_batches(shard: Any, cache: EpochCache, *, micro: int, seed: int, epoch: int,
                    rank: int) -> Iterable[pa.Table]:  # fmt: skip
-    """One epoch of this rank's micro batches: streamed from Ray Data (seeded local shuffle) and
-    recorded into `cache`, or, once the cache holds a whole pass, a seeded permutation of it
-    (`jobs.epoch_cache`). A run resumed past its first epoch refills the cache first, so that it
-    serves the same order as the run it resumes."""
+    """One epoch of this rank's rows in micro batches: streamed from Ray Data (seeded local shuffle,
+    the partial last batch included) and recorded into `cache`, or, once the cache holds a whole
+    pass, a seeded permutation of it (`jobs.epoch_cache`). A run resumed past its first epoch
+    refills the cache first, so that it serves the same order as the run it resumes. The caller
+    cuts full batches (`jobs.elastic.unconsumed_batches`)."""
 
     def stream() -> Iterable[pa.Table]:
-        return shard.iter_batches(batch_size=micro, drop_last=True, batch_format="pyarrow",
+        # drop_last=False: the cache must hold every row of the shard, the partial last batch's
+        # too; training drops that batch later (`unconsumed_batches`). Recording only the full
+        # batches cached the first pass's subset for good: rows it dropped were never trained
+        # again, and a run resumed past epoch 0 refilled a different subset (other losses).
+        return shard.iter_batches(batch_size=micro, drop_last=False, batch_format="pyarrow",
                                   local_shuffle_buffer_size=4 * micro, local_shuffle_seed=seed + epoch)  # fmt: skip
 
     if epoch > 0 and cache.enabled and not cache.ready:

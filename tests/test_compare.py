@@ -22,15 +22,21 @@ def two_stage1_runs(cli_chain, tmp_path_factory):
     plus an evaluate-shaped run of the first run's model (what `seedpipe evaluate` logs)."""
     workdir = tmp_path_factory.mktemp("compare")
     root = copy_chain(cli_chain.root, workdir)
+    client = tracking_client(root)
+    experiment = client.get_experiment_by_name("seedpipe")
+    # other modules train more stage-1 runs on the session's chain (a killed one, an outage one):
+    # in this copy only the chain's own run stays active, whichever modules ran before
+    chain_run = (cli_chain.run_dir("stage1-chain") / "mlflow_run_id").read_text().strip()
+    for other in client.search_runs([experiment.experiment_id], "tags.stage = 'stage1'"):
+        if other.info.run_id != chain_run:
+            client.delete_run(other.info.run_id)
     proc = seedpipe(["train-tokenizer", "--stage", "1", "--config", "tiny_stage1", "--root", "data", "--corpus", "chain",
                      "run.name=lr2", "optim.lr=0.002", "register_as=seed-tokenizer-stage1-lr2"], workdir, timeout=900)  # fmt: skip
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    client = tracking_client(root)
-    experiment = client.get_experiment_by_name("seedpipe")
     runs = client.search_runs(
         [experiment.experiment_id], "tags.stage = 'stage1'", order_by=["attributes.start_time ASC"]
     )
-    assert len(runs) == 2
+    assert len(runs) == 2 and runs[0].info.run_id == chain_run
     _log_evaluation(root, client.get_model_version("seed-tokenizer-stage1", "1"))
     return workdir, root, [r.info.run_id for r in runs]
 
