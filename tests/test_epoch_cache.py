@@ -121,7 +121,7 @@ def test_a_run_resumed_in_a_cached_epoch_steps_on_the_batches_of_the_run_it_resu
     """43 rows in batches of 16: each pass drops 11. The cache must still hold all 43 (a cache of
     the first pass's 32 kept those 11 out of training for good, and a run resumed at the step-5
     checkpoint, mid epoch 2, refilled another 32 and stepped on other batches than the clean run:
-    the CI failure of tests/test_jobs_faults.py with 16 per worker)."""
+    how tests/test_jobs_faults.py failed once tiny_stage1 took 16 per worker)."""
     shard = SeededShard([f"{i:04d}" for i in range(43)])
     clean_cache = EpochCache(max_bytes=1 << 20, key_column=KEY)
     clean = [trained_epoch(shard, clean_cache, epoch=e) for e in range(4)]
