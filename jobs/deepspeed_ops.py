@@ -15,6 +15,13 @@ Three traps, three choices:
   under it delete any leftover baton.
 * Environments sharing ``~/.cache/torch_extensions`` rebuild in turns, so the cache lives inside
   the Python environment (``sys.prefix/var/torch_extensions``) and goes away with it.
+* torch runs whichever ``ninja`` comes first on ``PATH``, and a machine can have two: the
+  project's pinned ``ninja`` wheel (1.13 here) and the system's (``/usr/bin/ninja`` 1.11 here).
+  Their build logs do not agree on a command's hash, so each rebuilds the op the other built:
+  measured here, a warm cache rebuilt in 22.6 s when ``PATH`` put the venv first, and 34 s inside
+  the demo's stage 1 after tests had run with it first. ``configure_environment`` puts the wheel's
+  ``ninja`` first on ``PATH`` in every process that builds or loads the op (driver, Ray worker,
+  ``make setup``), so the cache is built by one ninja, whatever the shell's ``PATH``.
 * ``make setup`` pays the build once (``python -m jobs.deepspeed_ops --warm``). Jobs call
   ``ensure_ops()`` before ``deepspeed.initialize``: it takes the same flock, loads the built op into
   the process (well under a second), and DeepSpeed's own load then hits its in-process cache, so
@@ -29,6 +36,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import shutil
 import sys
 import time
 from collections.abc import Iterator, Sequence
@@ -56,12 +64,32 @@ def extensions_dir() -> Path:
     return Path(sys.prefix) / "var" / "torch_extensions"
 
 
+def pin_ninja() -> str | None:
+    """Put the ``ninja`` wheel's binary first on this process's ``PATH``; return its folder.
+
+    torch's JIT build runs ``ninja`` from ``PATH``; two ninjas on one cache rebuild in turns (module
+    docstring). ``PATH`` is changed only when another ``ninja`` would be found first, and not
+    passed to Ray workers (a remote node's ``PATH`` is its own): they call this themselves.
+    """
+    try:
+        import ninja
+    except ImportError:  # not installed: torch's own check names what is missing
+        return None
+    wheel_bin = Path(ninja.BIN_DIR)
+    found = shutil.which("ninja")
+    if found is None or Path(found).resolve() != (wheel_bin / "ninja").resolve():
+        os.environ["PATH"] = os.pathsep.join([str(wheel_bin), os.environ.get("PATH", "")])
+    return str(wheel_bin)
+
+
 def configure_environment() -> dict[str, str]:
-    """Point torch's JIT extension cache at ``extensions_dir()``; return env vars for Ray workers.
+    """Point torch's JIT extension cache at ``extensions_dir()`` and run the pinned ``ninja``
+    (`pin_ninja`); return the env vars for Ray workers.
 
     An explicit ``TORCH_EXTENSIONS_DIR`` already in the environment wins (CI may pin one); we warn,
     because a directory shared with other environments brings back the rebuild-in-turns problem.
     """
+    pin_ninja()
     wanted = str(extensions_dir())
     actual = os.environ.setdefault("TORCH_EXTENSIONS_DIR", wanted)
     if actual != wanted:

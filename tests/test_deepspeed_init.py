@@ -136,6 +136,30 @@ def test_ensure_ops_removes_stale_baton():
     assert _op_library(directory).exists()
 
 
+@pytest.mark.timeout(300)
+def test_another_ninja_first_on_path_is_not_used(tmp_path):
+    """A process whose PATH finds another ``ninja`` first (a system one, an activated shell's)
+    still loads the cached op with the pinned wheel's ninja: two ninjas on one cache rebuild the op
+    in turns (20-47 s each), so the stand-in ninja must never run and the library stays as built."""
+    directory = Path(configure_environment()["TORCH_EXTENSIONS_DIR"])
+    ensure_ops(timeout_s=120)
+    library = _op_library(directory)
+    mtime_before = library.stat().st_mtime_ns
+    fake_bin, calls = tmp_path / "bin", tmp_path / "fake-ninja-calls.txt"
+    fake_bin.mkdir()
+    fake = fake_bin / "ninja"
+    fake.write_text(f'#!/bin/sh\necho "$@" >> {calls}\nexit 1\n')
+    fake.chmod(0o755)
+    env = os.environ | {"PATH": f"{fake_bin}{os.pathsep}{os.environ.get('PATH', '')}"}
+    proc = subprocess.run(
+        [sys.executable, "-m", "jobs.deepspeed_ops", "--warm", "--timeout-s", "120"],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=240,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    assert not calls.exists(), f"the other ninja ran: {calls.read_text()}"
+    assert library.stat().st_mtime_ns == mtime_before, "the op was rebuilt"
+
+
 @pytest.mark.slow
 @pytest.mark.timeout(300)
 def test_two_rank_zero2_init_compiles_nothing(tmp_path):
