@@ -19,6 +19,7 @@ Design choices:
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -182,6 +183,28 @@ def i2t_rows(keys: Sequence[str], fraction: float, seed: int) -> np.ndarray:
     return out
 
 
+class MemoizedEncoder:
+    """A tokenizer whose `encode` is memoized (bounded LRU); every other attribute is the tokenizer's.
+
+    Why: each example encodes its direction's constant prompt twice and its caption once, and every
+    epoch after the first encodes the same captions again; in the demo's LoRA job that encoding was
+    7.8% of a training step (py-spy). The ids are those of the tokenizer (a fresh list per call).
+    """
+
+    def __init__(self, tokenizer: Any, maxsize: int = 1 << 16) -> None:
+        self.tokenizer = tokenizer
+        self._encode = functools.lru_cache(maxsize=maxsize)(self._encode_uncached)
+
+    def _encode_uncached(self, text: str, add_special_tokens: bool) -> tuple[int, ...]:
+        return tuple(self.tokenizer.encode(text, add_special_tokens=add_special_tokens))
+
+    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        return list(self._encode(text, add_special_tokens))
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.tokenizer, name)
+
+
 def pad_examples(
     examples: Sequence[dict[str, list[int]]], pad_id: int, length: int
 ) -> dict[str, torch.Tensor]:
@@ -318,6 +341,8 @@ class LoraJob(Job[LoraJobConfig, LoraInputs]):
             tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
         )
 
+        encoder = MemoizedEncoder(tokenizer)
+
         class Collate(ArrowBatchCollateFn):
             """Arrow rows (key, caption, codes) -> (B, max_length) input_ids/attention_mask/labels + i2t."""
 
@@ -336,7 +361,7 @@ class LoraJob(Job[LoraJobConfig, LoraInputs]):
                     i2t = i2t_rows(batch.column("key").to_pylist(), config.i2t_fraction, seed)
                 examples = [
                     (build_image_to_text_example if d else build_text_to_image_example)(
-                        c, cap, tokenizer, space, max_length=max_len
+                        c, cap, encoder, space, max_length=max_len
                     )
                     for c, cap, d in zip(codes, captions, i2t, strict=True)
                 ]

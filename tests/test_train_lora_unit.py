@@ -16,7 +16,7 @@ from safetensors.torch import load_file
 from jobs.config import CONFIG_DIR
 from jobs.job import RunContext, run_location
 from jobs.lora import LoraJob, LoraJobConfig, i2t_rows, resolve_tokens
-from jobs.lora_export import EXPORT_META, load_exported
+from jobs.lora_export import EXPORT_META, build_tiny_llm, load_exported
 from pipelines.catalog import Catalog, DoneRecord
 from pipelines.config import load_config, to_yaml
 from pipelines.datasets import is_holdout
@@ -295,3 +295,42 @@ def test_lora_on_the_tiny_llm_learns_to_caption_and_to_draw(tmp_path):
     assert metrics["loss_i2t"] < 0.2 * np.log(vocab), report
     assert metrics["caption_exact"] > 0.5, report  # 4 captions: chance 0.25
     assert metrics["t2i_code_acc"] > 0.3, report  # a random code is right 1/128 of the time
+
+
+def test_memoized_encoder_gives_the_tokenizers_examples_and_encodes_each_text_once():
+    """The collate's MemoizedEncoder builds exactly the examples the tokenizer builds (both
+    directions, repeated and empty captions, truncation), encodes each distinct text once, and
+    hands out lists a caller may change without changing the cache."""
+    from jobs.lora import MemoizedEncoder
+    from seed_core import llm
+
+    tokenizer = llm.train_caption_tokenizer(CAPTIONS, vocab_size=300)
+    model = build_tiny_llm(len(tokenizer), max_positions=128, tokenizer=tokenizer, seed=0)
+    space = llm.add_image_tokens(tokenizer, model, 16)
+    calls: list[str] = []
+    encode = tokenizer.encode
+
+    def counting(text, **kwargs):
+        calls.append(text)
+        return encode(text, **kwargs)
+
+    encoder = MemoizedEncoder(tokenizer)
+    tokenizer.encode = counting
+    codes = torch.randint(0, 16, (32,), generator=torch.Generator().manual_seed(0))
+    captions = [*CAPTIONS, CAPTIONS[0], "", CAPTIONS[3]]
+    for build in (llm.build_image_to_text_example, llm.build_text_to_image_example):
+        for caption in captions:
+            tokenizer.encode = encode
+            full = len(build(codes, CAPTIONS[3], tokenizer, space)["input_ids"])
+            for max_length in (None, full - 2):  # full - 2: the longest caption is cut
+                tokenizer.encode = encode
+                want = build(codes, caption, tokenizer, space, max_length=max_length)
+                tokenizer.encode = counting
+                assert build(codes, caption, encoder, space, max_length=max_length) == want
+    assert len(calls) == len(set(calls)), f"encoded again: {calls}"
+    first = encoder.encode(CAPTIONS[1], add_special_tokens=False)
+    first.append(-1)
+    assert encoder.encode(CAPTIONS[1], add_special_tokens=False) == encode(
+        CAPTIONS[1], add_special_tokens=False
+    )
+    assert encoder.eos_token_id == tokenizer.eos_token_id
