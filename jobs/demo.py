@@ -75,6 +75,8 @@ class DemoConfig:
     """Images per raw shard (the unit of work of every data stage)."""
     image_size: int = 32
     """Side of the served and ingested images (the tiny preset's ViT input)."""
+    download_processes: int = 2
+    """img2dataset processes of the ingest (each downloads whole shards)."""
     seed: int = 0
     """Seed of the synthetic corpus."""
     encoder: str = "tiny"
@@ -105,6 +107,8 @@ class DemoConfig:
             raise ValueError("corpus must not be empty")
         if self.num_images < 20:
             raise ValueError(f"num_images must be >= 20, got {self.num_images}")
+        if self.download_processes < 1:
+            raise ValueError(f"download_processes must be >= 1, got {self.download_processes}")
         if self.samples_per_shard < 1:
             raise ValueError(f"samples_per_shard must be >= 1, got {self.samples_per_shard}")
         for name in ("stage1_steps", "stage2_steps", "lora_steps"):
@@ -218,7 +222,8 @@ class Demo:
         with ImageServer(images) as server:
             write_url_list(url_list, [(server.image_url(n), text) for n, _, text in images], "tsv")
             code = ingest.main([*self.common(), "--url-list", str(url_list), "--allow-private-hosts",
-                                "--samples-per-shard", str(c.samples_per_shard), "--image-size", str(c.image_size)])  # fmt: skip
+                                "--samples-per-shard", str(c.samples_per_shard), "--image-size", str(c.image_size),
+                                "--processes", str(c.download_processes)])  # fmt: skip
         if code != 0:
             raise StepFailed(f"seedpipe ingest exited {code}")
         self.write_samples()
