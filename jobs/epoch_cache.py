@@ -9,6 +9,8 @@ batches of its first complete pass and serves each later epoch as a seeded permu
 - Order: the rows are sorted by key once, then permuted by `numpy.random.default_rng([seed, epoch, rank])`, so
   an epoch's order depends only on the rank's rows and the seed, not on the order Ray Data
   delivered them in; a resumed run that refills the cache serves the same epoch order again.
+- The trainer fills the cache (`fill`) before the first epoch too, so that no epoch's order is
+  the order the rows arrived in (`jobs.trainer._epoch_batches` says why).
 - Bound: a shard over `max_bytes` stops being recorded at the first batch past the bound and
   streams from Ray Data every epoch, as without the cache (`max_bytes=0` disables it).
 - What is cached is the pass *before* `jobs.elastic.unconsumed_batches` drops a resumed epoch's

@@ -118,7 +118,9 @@ def drop_holdout(batch: Any, fraction: float) -> Any:
 
 
 def load_holdout(files: Sequence[str], fraction: float, max_rows: int, columns: list[str]) -> Any:
-    """The held-out rows of `files` (same rule as `drop_holdout`), at most `max_rows`; None if no file."""
+    """The held-out rows of `files` (same rule as `drop_holdout`), at most `max_rows`, the first
+    by key of the files read (a file's rows are in download order, which varies between ingests);
+    None if no file."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
@@ -130,4 +132,4 @@ def load_holdout(files: Sequence[str], fraction: float, max_rows: int, columns: 
         rows += table.num_rows
         if rows >= max_rows:
             break
-    return pa.concat_tables(tables).slice(0, max_rows) if tables else None
+    return pa.concat_tables(tables).sort_by("key").slice(0, max_rows) if tables else None

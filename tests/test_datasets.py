@@ -78,3 +78,17 @@ def test_load_holdout_caps_rows(files):
     held = load_holdout(files, 0.5, max_rows=5, columns=["key"])
     assert held.num_rows == 5 and is_holdout(held.column("key").to_pylist(), 0.5).all()
     assert load_holdout([], 0.5, max_rows=5, columns=["key"]) is None
+
+
+def test_load_holdout_rows_do_not_depend_on_the_row_order_in_the_files(tmp_path, files):
+    """The same rows written in another order (another ingest's download order) give the same
+    capped eval rows, in the same order."""
+    shuffled = []
+    for i, path in enumerate(files):
+        table = pq.read_table(path)
+        table = table.take(np.random.default_rng(i).permutation(table.num_rows))
+        shuffled.append(str(tmp_path / f"shuffled-{i}.parquet"))
+        pq.write_table(table, shuffled[-1])
+    for max_rows in (7, 100):
+        want = load_holdout(files, 0.1, max_rows=max_rows, columns=["key", "x"])
+        assert load_holdout(shuffled, 0.1, max_rows=max_rows, columns=["key", "x"]).equals(want)
