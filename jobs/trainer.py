@@ -244,10 +244,12 @@ def _epoch_batches(shard: Any, cache: EpochCache, *, micro: int, seed: int, epoc
 
     Why fill before the first epoch too: the rows of a shard arrive in the order img2dataset
     downloaded them, which changes from one ingest to the next, and a first epoch streamed in that
-    order made the same config on the same images train another model (the demo's stage 1 ended
-    at loss 1.21, 1.23 and 1.29 in three runs, held-out R@1 0.95 to 0.83). From the cache every
-    epoch's order depends only on the rows, the seed and the epoch; a resumed run serves the same
-    order as the run it resumes."""
+    order trained another model on every ingest. From the cache every epoch's order depends only
+    on the rank's rows, the seed and the epoch (the demo's stage 1 on two ingests whose files hold
+    the rows in other orders, with the same rows per rank: identical losses to the last digit). A
+    resumed run serves the same order as the run it resumes. Which rows a rank gets is still Ray
+    Data's `streaming_split`, and that varied between runs of the demo (three runs, three
+    different sets): so the same config on the same images is not yet the same model."""
 
     def stream() -> Iterable[pa.Table]:
         # drop_last=False: the cache must hold every row of the shard, the partial last batch's

@@ -139,8 +139,8 @@ def test_a_run_resumed_in_a_cached_epoch_steps_on_the_batches_of_the_run_it_resu
 def test_every_epoch_including_the_first_is_independent_of_the_rows_arrival_order():
     """Two ingests of the same images give shards whose rows arrive in different orders (img2dataset
     writes them as downloads finish). The first epoch too comes from the filled cache, so both step
-    on the same batches in every epoch: streamed, the first epoch differed and the demo's stage 1
-    trained another model on every ingest."""
+    on the same batches in every epoch: streamed, the first epoch differed, and so did the
+    model the demo's stage 1 trained on each ingest."""
     keys = [f"{i:04d}" for i in range(43)]
     shuffled = list(np.random.default_rng(7).permutation(keys))
     runs = []
