@@ -282,7 +282,7 @@ def _informative_positions(model: nn.Module) -> None:
     RANDOM_POSITION_RMS (the CLS position is zero)."""
     if not isinstance(model, (Blip2VisionModel, CLIPVisionModel, CLIPVisionModelWithProjection)):
         return  # text towers keep their 1-D positions
-    embeddings = getattr(model, "vision_model", model).embeddings
+    embeddings: Any = getattr(model, "vision_model", model).embeddings  # each model's own class
     table = embeddings.position_embedding
     weight_PD = table.weight if isinstance(table, nn.Embedding) else table[0]
     grid = int(round((weight_PD.shape[0] - 1) ** 0.5))
