@@ -4,7 +4,7 @@ Why: on a small corpus an epoch is a few dozen steps, and every epoch re-execute
 plan (list files, read parquet, drop the held-out keys, split across ranks) in fresh task workers.
 On the 2-core demo that re-execution took ~3.6 s of each ~4.7 s epoch and competed with the
 training workers for the CPUs. A rank whose shard fits in `max_bytes` instead keeps the Arrow
-batches of its first complete pass and serves each later epoch as a seeded permutation of them.
+batches of its first complete pass and serves every epoch as a seeded permutation of them.
 
 - Order: the rows are sorted by key once, then permuted by `numpy.random.default_rng([seed, epoch, rank])`, so
   an epoch's order depends only on the rank's rows and the seed, not on the order Ray Data

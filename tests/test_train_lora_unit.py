@@ -319,9 +319,9 @@ def test_memoized_encoder_gives_the_tokenizers_examples_and_encodes_each_text_on
     codes = torch.randint(0, 16, (32,), generator=torch.Generator().manual_seed(0))
     captions = [*CAPTIONS, CAPTIONS[0], "", CAPTIONS[3]]
     for build in (llm.build_image_to_text_example, llm.build_text_to_image_example):
+        tokenizer.encode = encode
+        full = len(build(codes, CAPTIONS[3], tokenizer, space)["input_ids"])
         for caption in captions:
-            tokenizer.encode = encode
-            full = len(build(codes, CAPTIONS[3], tokenizer, space)["input_ids"])
             for max_length in (None, full - 2):  # full - 2: the longest caption is cut
                 tokenizer.encode = encode
                 want = build(codes, caption, tokenizer, space, max_length=max_length)
