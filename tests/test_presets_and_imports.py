@@ -54,6 +54,19 @@ def test_paper_v2_tokenizer_builds_with_published_sizes():
     )
 
 
+def test_demo_preset_is_tiny_with_a_wider_codebook():
+    """`demo` feeds on tiny features and a tiny stage-1 Q-Former: only the quantizer differs."""
+    tiny, demo = get_preset("tiny"), get_preset("demo")
+    assert (demo.tokenizer.quantizer.num_codes, demo.tokenizer.quantizer.code_dim) == (512, 16)
+    assert demo.tokenizer.quantizer.input_dim == tiny.tokenizer.quantizer.input_dim
+    assert demo.vision == tiny.vision and demo.target == tiny.target
+    assert demo.tokenizer.qformer == tiny.tokenizer.qformer
+    assert demo.tokenizer.reconstruction == tiny.tokenizer.reconstruction
+    assert demo.tokenizer.generation == tiny.tokenizer.generation
+    codes = SeedTokenizer(demo.tokenizer).eval().encode_embeddings(torch.randn(2, 32, 32))
+    assert codes.shape == (2, 32) and int(codes.max()) < 512
+
+
 def test_unknown_preset_lists_choices():
     """An unknown preset name is a ValueError listing the choices."""
     with pytest.raises(ValueError, match="tiny"):
