@@ -11,7 +11,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from seed_core.decoders import DecoderConfig, GenerationDecoderConfig
 from seed_core.encoders import TargetEncoderConfig, VisionEncoderConfig
@@ -134,10 +134,8 @@ def demo() -> Preset:
     continuous embeddings giving 0.92): 128 x 8 0.54; 512 x 16 0.72 and 0.73 (two seeds); 1024 x 16
     0.69 at 4e-3, with usage down to 0.87. The LLM then learns 512 image tokens instead of 128."""
     base = tiny()
-    base.tokenizer.quantizer = QuantizerConfig(
-        num_codes=512, code_dim=16, input_dim=base.tokenizer.quantizer.input_dim
-    )
-    return Preset(name="demo", vision=base.vision, target=base.target, tokenizer=base.tokenizer)
+    quantizer = replace(base.tokenizer.quantizer, num_codes=512, code_dim=16)
+    return replace(base, name="demo", tokenizer=replace(base.tokenizer, quantizer=quantizer))
 
 
 def small() -> Preset:
