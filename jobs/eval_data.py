@@ -42,7 +42,8 @@ def _device(device: str | None) -> str:
 class EvalWorker:
     """Features rows -> codes, ITC features (continuous and from codes), decoder scores, captions.
 
-    Output columns per row: key, caption, codes (N,), img_embeds / img_codes / txt (E,),
+    Output columns per row: key, image_id (the image's sha256, else its key: rows of one image
+    share it), caption, codes (N,), img_embeds / img_codes / txt (E,),
     recon_cosine, gen_cosine, gen_mse; `target` (flattened) when `keep_target`; `hypothesis`
     (the LLM's caption of the codes) when `lora_dir`.
     """
@@ -81,8 +82,12 @@ class EvalWorker:
         target_BO = self._tensor(batch.column(self.target_column), self.target_shape).flatten(1)
         text = self.text_tok(captions, padding="max_length", truncation=True, max_length=self.max_text_len,
                              return_tensors="pt").to(self.device)  # fmt: skip
+        keys = batch.column("key").to_pylist()
+        sha256 = (batch.column("sha256").to_pylist() if "sha256" in batch.column_names
+                  else [None] * len(keys))  # fmt: skip
         out = {
-            "key": np.array(batch.column("key").to_pylist(), dtype=object),
+            "key": np.array(keys, dtype=object),
+            "image_id": np.array([s or k for s, k in zip(sha256, keys, strict=True)], dtype=object),
             "caption": np.array(captions, dtype=object),
             "codes": codes_BN.cpu().numpy().astype(np.int64),
             "img_embeds": qformer.image_feature(causal_BQD).float().cpu().numpy(),
@@ -229,7 +234,7 @@ def run_eval_rows(files: Sequence[str], *, filesystem: Any, fraction: float, spl
     """EvalWorker over the split's rows of the features `files`, on Ray Data; {} for no rows."""
     import ray
 
-    columns = ["key", "caption", "patch_features", worker_kwargs["target_column"]]
+    columns = ["key", "sha256", "caption", "patch_features", worker_kwargs["target_column"]]
     # the projection is pushed down into the read: only these columns are read from the files
     ds = ray.data.read_parquet(list(files), filesystem=filesystem).select_columns(columns)
     ds = ds.map_batches(

@@ -1,9 +1,12 @@
 """The numbers and the report of `seedpipe evaluate`: metrics from the workers' rows, beside chance.
 
-Rows are what `jobs.eval_data`'s workers return; the metric functions are `jobs.metrics`'s.
-Ground truth is many-to-many: captions are deduplicated as candidates (`dedupe_captions`) and an
-image's group is its caption's index, so an image's hit is any caption equal to its own, and a
-generated embedding's hit is any image whose caption is the prompt.
+Rows are what `jobs.eval_data`'s workers return, one per (image, caption) row of the split; the
+metric functions are `jobs.metrics`'s. Ground truth is many-to-many (`ImageCaptionIndex`): rows are
+grouped into distinct images by their sha256 (a COCO-style corpus has one row per caption of an
+image) and captions are deduplicated as candidates, so an image's hit is any caption equal to one
+of its captions, a caption's hit is any image it describes, and a generated caption is scored
+against all of its image's captions. Each image is a query once; per-row scores (decoder cosines)
+stay per row.
 """
 
 from __future__ import annotations
@@ -18,47 +21,52 @@ KS = (1, 5, 10)
 
 def compute_metrics(rows: dict[str, np.ndarray], num_codes: int,
                     t2i: dict[str, np.ndarray] | None = None) -> tuple[dict[str, float], dict[str, float]]:  # fmt: skip
-    """(metrics, chance) from EvalWorker rows (and TextToImageWorker rows of their distinct captions)."""
+    """(metrics, chance) from EvalWorker rows (and TextToImageWorker rows of their distinct captions).
+
+    `rows["image_id"]` (the image's sha256) groups rows into images; without it every row is an image.
+    """
     from jobs.metrics import (
+        ImageCaptionIndex,
         caption_scores,
+        chance_at_k,
         codebook_stats,
-        dedupe_captions,
-        retrieval_chance,
-        retrieval_recall,
+        recall_at_k,
     )
 
-    unique, group_I = dedupe_captions(list(rows["caption"]))
-    first_U = np.array([int(np.argmax(group_I == g)) for g in range(len(unique))])
-    text_group = np.arange(len(unique))
-    base = retrieval_chance(group_I, text_group, KS)
+    image_ids = rows["image_id"] if "image_id" in rows else rows["key"]
+    index = ImageCaptionIndex.build(list(image_ids), list(rows["caption"]))
+    images, captions = index.image_row_I, index.caption_row_U
+    base = chance_at_k(index.relevance, KS)
     metrics: dict[str, float] = {}
     chance: dict[str, float] = {}
     for kind in ("embeds", "codes"):
-        recall = retrieval_recall(
-            rows[f"img_{kind}"], rows["txt"][first_U], group_I, text_group, KS
+        recall = recall_at_k(
+            rows[f"img_{kind}"][images], rows["txt"][captions], index.relevance, KS
         )
         metrics |= {f"{k}_{kind}": v for k, v in recall.items()}
         chance |= {f"{k}_{kind}": base[k] for k in recall}
-    metrics |= codebook_stats(rows["codes"], num_codes)
+    metrics |= codebook_stats(rows["codes"][images], num_codes)
     metrics |= {k: float(np.mean(rows[k])) for k in ("recon_cosine", "gen_cosine", "gen_mse")}
     if "hypothesis" in rows:
         with warnings.catch_warnings():
             warnings.simplefilter(
                 "ignore", UserWarning
             )  # CIDEr-D of one image: 0, said in the docs
-            metrics |= caption_scores(list(rows["hypothesis"]), [[c] for c in rows["caption"]])
+            metrics |= caption_scores(list(rows["hypothesis"][images]), index.references_I())
     if t2i is not None:
         order = {c: i for i, c in enumerate(t2i["caption"])}
-        at_U = np.array([order[c] for c in unique])
-        gen_UO, target_IO = t2i["gen"][at_U], rows["target"]
-        gen_IO = gen_UO[group_I]
-        cos_I = (gen_IO * target_IO).sum(1) / (
-            np.linalg.norm(gen_IO, axis=1) * np.linalg.norm(target_IO, axis=1) + 1e-12
+        at_U = np.array([order[c] for c in index.captions_U])
+        gen_UO, target_RO = t2i["gen"][at_U], rows["target"]
+        # each row's generation (from its caption) against that row's target
+        gen_RO = gen_UO[index.row_caption_R]
+        cos_R = (gen_RO * target_RO).sum(1) / (
+            np.linalg.norm(gen_RO, axis=1) * np.linalg.norm(target_RO, axis=1) + 1e-12
         )
-        recall = retrieval_recall(target_IO, gen_UO, group_I, text_group, (1, 5))
-        t2i_chance = retrieval_chance(group_I, text_group, (1, 5))
-        metrics |= {"t2i_valid_fraction": float(t2i["valid"][at_U][group_I].mean()),
-                    "t2i_gen_cosine": float(cos_I.mean()), "t2i_r1": recall["t2i_r1"], "t2i_r5": recall["t2i_r5"]}  # fmt: skip
+        # t2i: each distinct caption's generation ranks the split's images by their targets
+        recall = recall_at_k(target_RO[images], gen_UO, index.relevance, (1, 5))
+        t2i_chance = chance_at_k(index.relevance, (1, 5))
+        metrics |= {"t2i_valid_fraction": float(t2i["valid"][at_U][index.row_caption_R].mean()),
+                    "t2i_gen_cosine": float(cos_R.mean()), "t2i_r1": recall["t2i_r1"], "t2i_r5": recall["t2i_r5"]}  # fmt: skip
         chance |= {"t2i_r1": t2i_chance["t2i_r1"], "t2i_r5": t2i_chance["t2i_r5"]}
     return metrics, chance
 

@@ -10,10 +10,11 @@ recorded one, so that no evaluated row was trained on by any of the models.
 
 - **Tokenizer, the SEED paper's retrieval table**: image->text and text->image R@1/5/10 with the
   continuous causal embeddings (`*_embeds`) and with the embeddings reconstructed from the 32 codes
-  (`*_codes`), through the Q-Former's ITC heads. Many-to-many (`jobs.metrics`): captions are
-  deduplicated as candidates and an image's hit is any caption equal to its own; every recall
-  sits beside its chance level for this split (`retrieval_chance`).
-- **Codebook**: usage, perplexity, dead codes over the split, and a usage histogram PNG.
+  (`*_codes`), through the Q-Former's ITC heads. Many-to-many (`jobs.metrics.ImageCaptionIndex`):
+  rows are grouped into images by sha256 (COCO-style corpora have a row per caption), captions
+  are deduplicated as candidates, and an image's hit is any caption equal to one of its own;
+  every recall sits beside its chance level for this split (`chance_at_k`).
+- **Codebook**: usage, perplexity, dead codes over the split's images, and a usage histogram PNG.
 - **Decoders**: reconstruction cosine to the continuous embeddings; generation-embedding cosine
   and MSE to the target.
 - **LLM** (`--lora`): caption BLEU-4 / CIDEr-D / exact match of the captions of the split's codes;
@@ -21,7 +22,9 @@ recorded one, so that no evaluated row was trained on by any of the models.
   gives exactly 32 codes then `</img>`: the paper's valid-image count; the constrained decoder used
   for the scores below is valid by construction), `t2i_gen_cosine` (decoded generation embedding
   vs the true image's target) and `t2i_r1/5` (the true image among the split's targets, many-to-
-  many as above). Row-weighted: each row of the split is one captioning and one generation query.
+  many as above). Captioning is scored once per image, against all of its captions; the valid
+  fraction and the generation cosine are row-weighted (each row's caption is one generation), and
+  `t2i_r1/5` are averaged over the split's distinct captions, each ranking the distinct images.
 The model work runs on Ray Data over the cached features (`jobs.eval_data`; the ViT never runs);
 the scores and the table are `jobs.eval_report`'s.
 Results: a printed table, `--json PATH` (`{"metrics", "chance", "split", "models"}`), and an

@@ -2,14 +2,15 @@
 
 Shapes: I images, T texts, D embedding width, N code indices (any shape, flattened).
 
-- **Retrieval recall@k** (`retrieval_recall`), many-to-many: image i and text t match when
-  `image_group_I[i] == text_group_T[t]`. A query's hit at k is *any* matching candidate among
-  its k most cosine-similar ones; recall@k is the mean hit over queries (torchmetrics'
-  `RetrievalHitRate`, which the tests check against). Groups exist because one-to-one
-  "text i belongs to image i" is wrong twice over: COCO has 5 captions per image (group = image
-  id), and templated corpora repeat a caption across images (group = caption text, see
-  `dedupe_captions`), where a one-to-one score counts an identical caption as a miss.
-- **Chance recall@k** (`retrieval_chance`): with many-to-many groups chance is not k/T, so
+- **Retrieval recall@k** (`recall_at_k`), many-to-many: a `Relevance` says which images match
+  which texts. A query's hit at k is *any* matching candidate among its k most cosine-similar
+  ones; recall@k is the mean hit over queries (torchmetrics' `RetrievalHitRate`, which the tests
+  check against). One-to-one "text i belongs to image i" is wrong twice over: COCO has 5 captions
+  per image, and templated corpora repeat a caption across images, where a one-to-one score
+  counts an identical caption as a miss. `ImageCaptionIndex` turns an eval split's rows
+  (image id = sha256, caption) into distinct images, distinct captions and their relation;
+  `retrieval_recall` is the special case of one group id per side.
+- **Chance recall@k** (`chance_at_k`): with many-to-many matches chance is not k/T, so
   every recall is logged next to the exact expectation for a random ranking of the same split:
   a query with m matches among C candidates misses with probability C(C-m, k) / C(C, k)
   (hypergeometric: none of the k drawn is a match).
@@ -31,6 +32,7 @@ import re
 import warnings
 from collections import Counter
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -62,30 +64,123 @@ def _as_long(x: ArrayLike) -> torch.Tensor:
     return torch.as_tensor(np.asarray(x), dtype=torch.long).reshape(-1)
 
 
-def _hits(query_QD: torch.Tensor, cand_CD: torch.Tensor, query_group_Q: torch.Tensor,
-          cand_group_C: torch.Tensor, ks: Sequence[int]) -> dict[int, float]:  # fmt: skip
-    """recall@k for each k: mean over queries of any same-group candidate in the top k."""
-    k_max = min(max(ks), cand_CD.shape[0])
+@dataclass(frozen=True)
+class Relevance:
+    """Which images match which texts: a sparse (I, T) boolean relation.
+
+    Why a relation and not a group id per side: a group id says "image i and text t match when
+    their groups are equal", which covers one caption per image (templated corpora repeat it
+    across images) or several captions per image (COCO's five) but not both at once, and a
+    COCO-style corpus has both (five captions per image, and "a man riding a wave on a surfboard"
+    under many images). Stored as sorted codes `image * T + text` and `text * I + image`, so the
+    top-k membership test of a block of queries is one `torch.isin`.
+    """
+
+    num_images: int
+    num_texts: int
+    image_text: torch.Tensor
+    """Sorted unique int64 codes `image * num_texts + text` of the matching pairs."""
+    text_image: torch.Tensor
+    """The same pairs as `text * num_images + image`, sorted."""
+
+    @classmethod
+    def from_pairs(cls, image_P: ArrayLike, text_P: ArrayLike, *, num_images: int,
+                   num_texts: int) -> Relevance:  # fmt: skip
+        """The relation holding exactly the (image_P[p], text_P[p]) pairs (repeats allowed)."""
+        img_P, txt_P = _as_long(image_P), _as_long(text_P)
+        if img_P.shape != txt_P.shape:
+            raise ValueError(f"{img_P.shape[0]} image ids but {txt_P.shape[0]} text ids")
+        if num_images < 1 or num_texts < 1:
+            raise ValueError(f"need images and texts, got {num_images} x {num_texts}")
+        if len(img_P) and (img_P.min() < 0 or img_P.max() >= num_images
+                           or txt_P.min() < 0 or txt_P.max() >= num_texts):  # fmt: skip
+            raise ValueError(f"pair ids out of range for {num_images} images x {num_texts} texts")
+        return cls(num_images, num_texts, torch.unique(img_P * num_texts + txt_P),
+                   torch.unique(txt_P * num_images + img_P))  # fmt: skip
+
+    @classmethod
+    def from_groups(cls, image_group_I: ArrayLike, text_group_T: ArrayLike) -> Relevance:
+        """Image i matches text t when `image_group_I[i] == text_group_T[t]`."""
+        img_group, txt_group = _as_long(image_group_I), _as_long(text_group_T)
+        if len(img_group) == 0 or len(txt_group) == 0:
+            raise ValueError("image_group_I and text_group_T must be non-empty")
+        texts_of: dict[int, torch.Tensor] = {}
+        order = torch.argsort(txt_group, stable=True)
+        values, counts = torch.unique_consecutive(txt_group[order], return_counts=True)
+        for value, chunk in zip(values.tolist(), torch.split(order, counts.tolist()), strict=True):
+            texts_of[value] = chunk
+        image_P, text_P = [], []
+        for i, g in enumerate(img_group.tolist()):
+            texts = texts_of.get(g)
+            if texts is not None:
+                image_P.append(torch.full_like(texts, i))
+                text_P.append(texts)
+        empty = torch.zeros(0, dtype=torch.long)
+        return cls.from_pairs(torch.cat(image_P) if image_P else empty,
+                              torch.cat(text_P) if text_P else empty,
+                              num_images=len(img_group), num_texts=len(txt_group))  # fmt: skip
+
+    def matches_per_image(self) -> np.ndarray:
+        """(I,) how many texts each image matches."""
+        return np.bincount((self.image_text // self.num_texts).numpy(), minlength=self.num_images)
+
+    def matches_per_text(self) -> np.ndarray:
+        """(T,) how many images each text matches."""
+        return np.bincount((self.text_image // self.num_images).numpy(), minlength=self.num_texts)
+
+
+def _hits(query_QD: torch.Tensor, cand_CD: torch.Tensor, match_codes: torch.Tensor,
+          ks: Sequence[int]) -> dict[int, float]:  # fmt: skip
+    """recall@k for each k: mean over queries of any matching candidate in the top k, where
+    query q and candidate c match when `q * C + c` is in `match_codes`."""
+    num_cand = cand_CD.shape[0]
+    k_max = min(max(ks), num_cand)
     hit_sums = dict.fromkeys(ks, 0.0)
     for start in range(0, query_QD.shape[0], _BLOCK):
         sim_BC = query_QD[start : start + _BLOCK] @ cand_CD.T
         top_BK = sim_BC.topk(k_max, dim=1).indices  # sorted, most similar first
-        match_BK = cand_group_C[top_BK] == query_group_Q[start : start + _BLOCK, None]
+        query_B = torch.arange(start, start + sim_BC.shape[0])
+        match_BK = torch.isin(query_B[:, None] * num_cand + top_BK, match_codes)
         for k in ks:
             hit_sums[k] += match_BK[:, : min(k, k_max)].any(dim=1).sum().item()
     return {k: hit_sums[k] / query_QD.shape[0] for k in ks}
 
 
-def _check(emb: torch.Tensor, group: torch.Tensor, name: str) -> None:
+def _check(emb: torch.Tensor, count: int, name: str) -> None:
     if emb.ndim != 2 or emb.shape[0] == 0:
         raise ValueError(
             f"{name}: expected a non-empty 2-D embedding matrix, got {tuple(emb.shape)}"
         )
-    if group.shape[0] != emb.shape[0]:
-        raise ValueError(f"{name}: {emb.shape[0]} embeddings but {group.shape[0]} group ids")
+    if count != emb.shape[0]:
+        raise ValueError(f"{name}: {emb.shape[0]} embeddings but {count} ids")
 
 
 @torch.no_grad()
+def recall_at_k(
+    image_emb_ID: torch.Tensor | np.ndarray,
+    text_emb_TD: torch.Tensor | np.ndarray,
+    relevance: Relevance,
+    ks: Sequence[int] = (1, 5, 10),
+) -> dict[str, float]:
+    """Recall@k both ways under any image-text relation: {"i2t_r1", ..., "t2i_r10"} in [0, 1].
+
+    Cosine similarity (both sides L2-normalised here, so callers may pass raw features).
+    k larger than the candidate count means all candidates; a query with no matching candidate
+    counts as a miss, as in `chance_at_k`.
+    """
+    if not ks or min(ks) < 1:
+        raise ValueError(f"ks: need positive k values, got {ks}")
+    img_ID = F.normalize(torch.as_tensor(image_emb_ID).float(), dim=-1)
+    txt_TD = F.normalize(torch.as_tensor(text_emb_TD).float(), dim=-1)
+    _check(img_ID, relevance.num_images, "image_emb_ID")
+    _check(txt_TD, relevance.num_texts, "text_emb_TD")
+    if img_ID.shape[1] != txt_TD.shape[1]:
+        raise ValueError(f"embedding widths differ: {img_ID.shape[1]} vs {txt_TD.shape[1]}")
+    i2t = _hits(img_ID, txt_TD, relevance.image_text, ks)
+    t2i = _hits(txt_TD, img_ID, relevance.text_image, ks)
+    return {f"i2t_r{k}": i2t[k] for k in ks} | {f"t2i_r{k}": t2i[k] for k in ks}
+
+
 def retrieval_recall(
     image_emb_ID: torch.Tensor | np.ndarray,
     text_emb_TD: torch.Tensor | np.ndarray,
@@ -93,53 +188,92 @@ def retrieval_recall(
     text_group_T: ArrayLike,
     ks: Sequence[int] = (1, 5, 10),
 ) -> dict[str, float]:
-    """Many-to-many recall@k both ways: {"i2t_r1", ..., "t2i_r10"} in [0, 1].
-
-    Cosine similarity (both sides L2-normalised here, so callers may pass raw features).
-    k larger than the candidate count means all candidates; a query with no matching candidate
-    counts as a miss, as in `retrieval_chance`.
-    """
-    if not ks or min(ks) < 1:
-        raise ValueError(f"ks: need positive k values, got {ks}")
-    img_ID = F.normalize(torch.as_tensor(image_emb_ID).float(), dim=-1)
-    txt_TD = F.normalize(torch.as_tensor(text_emb_TD).float(), dim=-1)
-    img_group_I, txt_group_T = _as_long(image_group_I), _as_long(text_group_T)
-    _check(img_ID, img_group_I, "image_emb_ID")
-    _check(txt_TD, txt_group_T, "text_emb_TD")
-    if img_ID.shape[1] != txt_TD.shape[1]:
-        raise ValueError(f"embedding widths differ: {img_ID.shape[1]} vs {txt_TD.shape[1]}")
-    i2t = _hits(img_ID, txt_TD, img_group_I, txt_group_T, ks)
-    t2i = _hits(txt_TD, img_ID, txt_group_T, img_group_I, ks)
-    return {f"i2t_r{k}": i2t[k] for k in ks} | {f"t2i_r{k}": t2i[k] for k in ks}
+    """`recall_at_k` where image i and text t match when their groups are equal."""
+    return recall_at_k(
+        image_emb_ID, text_emb_TD, Relevance.from_groups(image_group_I, text_group_T), ks
+    )
 
 
-def _chance(query_group: np.ndarray, cand_group: np.ndarray, k: int) -> float:
-    num_cand = len(cand_group)
+def _chance(matches_Q: np.ndarray, num_cand: int, k: int) -> float:
     k = min(k, num_cand)
-    cand_counts = Counter(cand_group.tolist())
     total = 0.0
-    for m, num_queries in Counter(cand_counts.get(g, 0) for g in query_group.tolist()).items():
+    for m, num_queries in Counter(matches_Q.tolist()).items():
         # C(C-m, k) / C(C, k) as a product of k ratios: exact, no huge integers.
         miss = float(np.prod([(num_cand - m - j) / (num_cand - j) for j in range(k)]))
         total += num_queries * (1.0 - max(miss, 0.0))
-    return total / len(query_group)
+    return total / len(matches_Q)
+
+
+def chance_at_k(relevance: Relevance, ks: Sequence[int] = (1, 5, 10)) -> dict[str, float]:
+    """Expected `recall_at_k` of a uniformly random ranking, same keys.
+
+    The chance level for this split's relation: a recall near it means nothing was learned,
+    however high it looks (a 3-template corpus gives t2i_r1 chance of 1/3).
+    """
+    per_image, per_text = relevance.matches_per_image(), relevance.matches_per_text()
+    return {f"i2t_r{k}": _chance(per_image, relevance.num_texts, k) for k in ks} | {
+        f"t2i_r{k}": _chance(per_text, relevance.num_images, k) for k in ks
+    }
 
 
 def retrieval_chance(
     image_group_I: ArrayLike, text_group_T: ArrayLike, ks: Sequence[int] = (1, 5, 10)
 ) -> dict[str, float]:
-    """Expected `retrieval_recall` of a uniformly random ranking, same keys.
+    """`chance_at_k` where image i and text t match when their groups are equal."""
+    return chance_at_k(Relevance.from_groups(image_group_I, text_group_T), ks)
 
-    The chance level for this split's group structure: a recall near it means nothing was learned,
-    however high it looks (a 3-template corpus gives t2i_r1 chance of 1/3).
+
+@dataclass(frozen=True)
+class ImageCaptionIndex:
+    """Rows of (image id, caption) as distinct images, distinct captions and who matches whom.
+
+    An eval split holds one row per (image, caption) pair: one per image in CC3M-style corpora,
+    five per image in COCO-style ones (one key per caption, the same image bytes, so the same
+    sha256). Images are scored once each (a duplicate row would count its image several times as
+    a query and offer it several times as a candidate), captions are deduplicated as candidates,
+    and image i matches caption u when some row pairs them.
     """
-    img_group = _as_long(image_group_I).numpy()
-    txt_group = _as_long(text_group_T).numpy()
-    if len(img_group) == 0 or len(txt_group) == 0:
-        raise ValueError("image_group_I and text_group_T must be non-empty")
-    return {f"i2t_r{k}": _chance(img_group, txt_group, k) for k in ks} | {
-        f"t2i_r{k}": _chance(txt_group, img_group, k) for k in ks
-    }
+
+    image_row_I: np.ndarray
+    """(I,) the first row of each distinct image, in first-seen order."""
+    caption_row_U: np.ndarray
+    """(U,) the first row of each distinct caption, in first-seen order."""
+    captions_U: list[str]
+    row_image_R: np.ndarray
+    """(R,) each row's image index."""
+    row_caption_R: np.ndarray
+    """(R,) each row's caption index."""
+    relevance: Relevance
+
+    @classmethod
+    def build(cls, image_ids: Sequence[str], captions: Sequence[str]) -> ImageCaptionIndex:
+        if len(image_ids) != len(captions):
+            raise ValueError(f"{len(image_ids)} image ids but {len(captions)} captions")
+        if not captions:
+            raise ValueError("no rows to index")
+        _, row_image_R = dedupe_captions([str(i) for i in image_ids])  # first-seen ids, any strings
+        captions_U, row_caption_R = dedupe_captions(captions)
+        num_images = int(row_image_R.max()) + 1
+        return cls(image_row_I=_first_rows(row_image_R, num_images),
+                   caption_row_U=_first_rows(row_caption_R, len(captions_U)), captions_U=captions_U,
+                   row_image_R=row_image_R, row_caption_R=row_caption_R,
+                   relevance=Relevance.from_pairs(row_image_R, row_caption_R, num_images=num_images,
+                                                  num_texts=len(captions_U)))  # fmt: skip
+
+    def references_I(self) -> list[list[str]]:
+        """Each image's distinct captions (the references its generated caption is scored against)."""
+        refs: list[list[str]] = [[] for _ in self.image_row_I]
+        for code in (self.relevance.image_text).tolist():
+            image, caption = divmod(code, self.relevance.num_texts)
+            refs[image].append(self.captions_U[caption])
+        return refs
+
+
+def _first_rows(index_R: np.ndarray, count: int) -> np.ndarray:
+    """(count,) the first row at which each index 0..count-1 appears."""
+    _, first = np.unique(index_R, return_index=True)
+    assert len(first) == count, (len(first), count)
+    return first
 
 
 # PTB-like tokenizer. pycocoevalcap's PTBTokenizer shells out to Stanford CoreNLP (Java, and it

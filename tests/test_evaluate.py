@@ -99,6 +99,39 @@ def test_metrics_have_every_named_key_beside_its_chance():
     assert metrics["dead_codes"] == 16 - len(np.unique(rows["codes"]))
 
 
+def test_an_image_with_several_captions_is_one_query_that_hits_any_of_them():
+    """COCO-style rows (one per caption, the same sha256): each image is one query and one
+    candidate, its hit is any of its captions, and its generated caption is scored against all of
+    them; one row per image would have counted the second image's own caption as a miss."""
+    eye = np.eye(4, dtype=np.float32)
+    # image "a" has captions 0 and 1, image "b" captions 2 and 3; each image's embedding is its
+    # *second* caption's text embedding, and its hypothesis that second caption
+    captions = ["a red circle", "a round red shape", "a blue square", "a square in blue"]
+    rows = {
+        "key": np.array(["k0", "k1", "k2", "k3"], dtype=object),
+        "image_id": np.array(["a", "a", "b", "b"], dtype=object),
+        "caption": np.array(captions, dtype=object),
+        "codes": np.array([[1] * 32, [1] * 32, [2] * 32, [2] * 32]),
+        "img_embeds": eye[[1, 1, 3, 3]],
+        "img_codes": eye[[1, 1, 3, 3]],
+        "txt": eye,
+        "recon_cosine": np.ones(4),
+        "gen_cosine": np.ones(4),
+        "gen_mse": np.zeros(4),
+        "hypothesis": np.array([captions[1], captions[1], captions[3], captions[3]], dtype=object),
+    }
+    metrics, chance = compute_metrics(rows, 16)
+    assert metrics["i2t_r1_embeds"] == 1.0 and metrics["i2t_r1_codes"] == 1.0
+    # t2i: captions 1 and 3 find their image first; 0 and 2 are orthogonal to both (ties)
+    assert chance["i2t_r1_embeds"] == pytest.approx(2 / 4)  # 2 of 4 captions match each image
+    assert chance["t2i_r1_embeds"] == pytest.approx(1 / 2)  # each caption matches 1 of 2 images
+    assert metrics["caption_exact"] == 1.0
+    assert metrics["codebook_usage"] == pytest.approx(2 / 16)
+    # the same rows without image ids: four images, two of them missing their only caption
+    one_per_row = {k: v for k, v in rows.items() if k != "image_id"}
+    assert compute_metrics(one_per_row, 16)[0]["i2t_r1_embeds"] == pytest.approx(2 / 4)
+
+
 def test_metrics_without_an_llm_have_only_the_tokenizer_rows():
     """Without --lora there are no LLM metrics and no LLM chance levels."""
     rows = {k: v for k, v in fake_rows(CAPTIONS).items() if k not in ("hypothesis", "target")}

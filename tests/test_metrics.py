@@ -8,9 +8,13 @@ import torch
 from torchmetrics.retrieval import RetrievalHitRate
 
 from jobs.metrics import (
+    ImageCaptionIndex,
+    Relevance,
     caption_scores,
+    chance_at_k,
     codebook_stats,
     dedupe_captions,
+    recall_at_k,
     retrieval_chance,
     retrieval_recall,
     tokenize,
@@ -51,6 +55,96 @@ def test_duplicate_caption_ranked_first_is_a_hit():
     out = retrieval_recall(image_ID, text_TD, [0, 1], [0, 0, 1, 1], ks=(1, 2, 5))
     assert out == {"i2t_r1": 1.0, "i2t_r2": 1.0, "i2t_r5": 1.0,
                    "t2i_r1": 0.5, "t2i_r2": 1.0, "t2i_r5": 1.0}  # fmt: skip
+
+
+def _random_relation(rng: np.random.Generator, num_images: int, num_texts: int) -> np.ndarray:
+    """(I, T) bool: 1-3 captions per image, drawn from a pool small enough that images share some;
+    a few texts match no image."""
+    relevant_IT = np.zeros((num_images, num_texts), dtype=bool)
+    for i in range(num_images):
+        relevant_IT[i, rng.choice(num_texts - 3, size=rng.integers(1, 4), replace=False)] = True
+    return relevant_IT
+
+
+def test_relation_recall_matches_torchmetrics_with_several_captions_per_image():
+    """Under a relation where images have several captions and captions several images (COCO-like
+    and templated at once), recall@k both ways equals torchmetrics' RetrievalHitRate."""
+    rng = np.random.default_rng(3)
+    relevant_IT = _random_relation(rng, 30, 25)
+    image_P, text_P = np.nonzero(relevant_IT)
+    relevance = Relevance.from_pairs(image_P, text_P, num_images=30, num_texts=25)
+    g = torch.Generator().manual_seed(3)
+    image_ID = torch.randn(30, 16, generator=g)
+    # each text near the mean of its images, plus noise: recall strictly between 0 and 1
+    text_TD = torch.as_tensor(relevant_IT.T, dtype=torch.float32) @ image_ID + torch.randn(
+        25, 16, generator=g
+    )
+    out = recall_at_k(image_ID, text_TD, relevance, ks=(1, 5, 10))
+    sim_IT = (
+        torch.nn.functional.normalize(image_ID, dim=1)
+        @ torch.nn.functional.normalize(text_TD, dim=1).T
+    )
+    dense_IT = torch.as_tensor(relevant_IT)
+    for k in (1, 5, 10):
+        assert out[f"i2t_r{k}"] == pytest.approx(_hit_rate(sim_IT, dense_IT, k), abs=1e-6)
+        # torchmetrics skips queries without a relevant item; ours counts them as misses
+        has_match_T = dense_IT.any(dim=0)
+        expected_t2i = (
+            _hit_rate(sim_IT.T[has_match_T], dense_IT.T[has_match_T], k)
+            * has_match_T.float().mean()
+        )
+        assert out[f"t2i_r{k}"] == pytest.approx(expected_t2i.item(), abs=1e-6)
+    assert 0.0 < out["i2t_r1"] < 1.0
+
+
+def test_groups_are_the_relation_of_equal_groups():
+    """Relevance.from_groups holds exactly the pairs whose groups are equal, and matches counts."""
+    image_group_I, text_group_T = [2, 0, 2, 5], [0, 2, 2, 7, 0]
+    relevance = Relevance.from_groups(image_group_I, text_group_T)
+    dense_IT = np.equal.outer(image_group_I, text_group_T)
+    image_P, text_P = np.nonzero(dense_IT)
+    assert relevance.image_text.tolist() == sorted((image_P * 5 + text_P).tolist())
+    assert relevance.text_image.tolist() == sorted((text_P * 4 + image_P).tolist())
+    assert relevance.matches_per_image().tolist() == dense_IT.sum(1).tolist()
+    assert relevance.matches_per_text().tolist() == dense_IT.sum(0).tolist()
+
+
+def test_relation_chance_matches_monte_carlo_random_rankings():
+    """chance_at_k under a general relation agrees with random rankings within 0.01 (3000 trials)."""
+    rng = np.random.default_rng(4)
+    relevant_IT = _random_relation(rng, 20, 30)
+    image_P, text_P = np.nonzero(relevant_IT)
+    ks = (1, 5)
+    chance = chance_at_k(Relevance.from_pairs(image_P, text_P, num_images=20, num_texts=30), ks)
+    sums = dict.fromkeys(chance, 0.0)
+    trials = 3000
+    for _ in range(trials):
+        hit_IT = np.take_along_axis(
+            relevant_IT, np.argsort(rng.random(relevant_IT.shape), axis=1), axis=1
+        )
+        hit_TI = np.take_along_axis(
+            relevant_IT.T, np.argsort(rng.random(relevant_IT.T.shape), axis=1), axis=1
+        )
+        for k in ks:
+            sums[f"i2t_r{k}"] += hit_IT[:, :k].any(axis=1).mean()
+            sums[f"t2i_r{k}"] += hit_TI[:, :k].any(axis=1).mean()
+    for key, value in chance.items():
+        assert sums[key] / trials == pytest.approx(value, abs=0.01), key
+
+
+def test_image_caption_index_groups_rows_by_image_and_caption():
+    """Rows of (image id, caption) become distinct images and captions in first-seen order, each
+    image's references are all of its captions, and an image matches every caption a row gives it."""
+    index = ImageCaptionIndex.build(["A", "A", "B", "C", "B"], ["x", "y", "y", "z", "y"])
+    assert index.image_row_I.tolist() == [0, 2, 3]
+    assert index.captions_U == ["x", "y", "z"] and index.caption_row_U.tolist() == [0, 1, 3]
+    assert index.row_image_R.tolist() == [0, 0, 1, 2, 1]
+    assert index.row_caption_R.tolist() == [0, 1, 1, 2, 1]
+    assert index.references_I() == [["x", "y"], ["y"], ["z"]]
+    assert index.relevance.matches_per_image().tolist() == [2, 1, 1]
+    assert index.relevance.matches_per_text().tolist() == [1, 2, 1]
+    with pytest.raises(ValueError, match="image ids but"):
+        ImageCaptionIndex.build(["A"], ["x", "y"])
 
 
 def test_dedupe_captions_groups_identical_strings():
