@@ -14,6 +14,7 @@ from typing import Any
 from pipelines.config import CommonSettings
 
 CONFIG_DIR = Path(__file__).resolve().parent / "configs"
+RANK_ROWS = ("auto", "global_shuffle", "streaming_split")
 
 
 @dataclass(kw_only=True)
@@ -60,10 +61,26 @@ class RunSettings:
     """A rank whose training shard fits in this many MiB keeps it in memory after the first epoch
     and serves later epochs from there, without re-running the Ray Data read (`jobs.epoch_cache`);
     0 streams every epoch."""
+    rank_rows: str = "auto"
+    """Which rows each rank trains on. `global_shuffle`: every rank reads the whole training set
+    into its epoch cache and each epoch takes its slice of one seeded permutation of all rows
+    (PyTorch's DistributedSampler rule), so the same config on the same data trains the same
+    model. `streaming_split`: Ray Data's streaming_split hands blocks to the ranks as they ask,
+    reading each row once whatever the corpus size, but which rows a rank gets varies between
+    runs. `auto`: `global_shuffle` when the training parquet fits in epoch_cache_mb, else
+    `streaming_split` (`jobs.launch.rank_rows`)."""
 
     def __post_init__(self) -> None:
+        if self.rank_rows not in RANK_ROWS:
+            raise ValueError(
+                f"run.rank_rows must be one of {', '.join(RANK_ROWS)}, got {self.rank_rows!r}"
+            )
         if self.epoch_cache_mb < 0:
             raise ValueError(f"run.epoch_cache_mb must be >= 0, got {self.epoch_cache_mb}")
+        if self.rank_rows == "global_shuffle" and self.epoch_cache_mb == 0:
+            raise ValueError(
+                "run.rank_rows=global_shuffle needs the epoch cache (run.epoch_cache_mb > 0)"
+            )
         if self.max_failures < -1:
             raise ValueError(f"run.max_failures must be >= -1, got {self.max_failures}")
         if self.checkpoint_every < 1:

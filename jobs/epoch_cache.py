@@ -9,6 +9,10 @@ batches of its first complete pass and serves every epoch as a seeded permutatio
 - Order: the rows are sorted by key once, then permuted by `numpy.random.default_rng([seed, epoch, rank])`, so
   an epoch's order depends only on the rank's rows and the seed, not on the order Ray Data
   delivered them in; a resumed run that refills the cache serves the same epoch order again.
+- Membership (`run.rank_rows`): under `streaming_split` the cache holds the rows Ray Data gave
+  this rank; under `global_shuffle` it holds every rank's rows, permuted by (seed, epoch) alone,
+  and the rank serves its slice (`epoch(part=(rank, world))`), so which rows a rank trains on
+  depends only on the rows, the seed, the epoch and the number of ranks.
 - The trainer fills the cache (`fill`) before the first epoch too, so that no epoch's order is
   the order the rows arrived in (`jobs.trainer._epoch_batches` says why).
 - Bound: a shard over `max_bytes` stops being recorded at the first batch past the bound and
@@ -81,11 +85,21 @@ class EpochCache:
                 return False
         return self.ready
 
-    def epoch(self, *, seed: Sequence[int], batch_size: int) -> Iterator[pa.Table]:
+    def epoch(self, *, seed: Sequence[int], batch_size: int,
+              part: tuple[int, int] = (0, 1)) -> Iterator[pa.Table]:  # fmt: skip
         """The cached rows in a seeded permutation, in batches of `batch_size`, the last partial
-        batch dropped (as `iter_batches(drop_last=True)`)."""
+        batch dropped (as `iter_batches(drop_last=True)`).
+
+        `part=(rank, world)`: the cache holds every rank's rows (`run.rank_rows=global_shuffle`)
+        and this rank takes every world-th row of the permutation, after dropping the last
+        `num_rows % world` so that every rank gets as many rows (DistributedSampler with
+        drop_last): the ranks' parts of one epoch are disjoint and together the whole permutation."""
         if self._table is None:
             raise RuntimeError("EpochCache.epoch before a whole pass was recorded")
+        rank, world = part
+        if not 0 <= rank < world:
+            raise ValueError(f"EpochCache.epoch part: need 0 <= rank < world, got {part}")
         order = np.random.default_rng(list(seed)).permutation(self._table.num_rows)
+        order = order[: len(order) - len(order) % world][rank::world]
         for start in range(0, len(order) - batch_size + 1, batch_size):
             yield self._table.take(order[start : start + batch_size])

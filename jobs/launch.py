@@ -76,6 +76,8 @@ def launch(job: Job[Any, Any], config: TrainJobConfig, prepared: Prepared[Any]) 
     from pipelines.tracking import code_version, sync_pending, tracking_uri
 
     name, storage = run_location(config, job.name)
+    config = dataclasses.replace(config, run=dataclasses.replace(
+        config.run, rank_rows=rank_rows(config, prepared.train_files)))  # fmt: skip
     context = RunContext(run_name=name, storage_path=storage, tracking_uri=tracking_uri(Catalog(config.root)),
                          code_version=code_version(), resolved_yaml=cfg.to_yaml(config))  # fmt: skip
     sync_pending(config.root)  # stage runs an MLflow outage left queued (bounded, never raises)
@@ -114,11 +116,16 @@ def launch(job: Job[Any, Any], config: TrainJobConfig, prepared: Prepared[Any]) 
             worker_runtime_env={"env_vars": env},
         ),  # fmt: skip
         datasets={"train": dataset},
-        dataset_config=DataConfig(execution_options=ExecutionOptions(preserve_order=True)),
+        # global_shuffle: every rank gets the whole training set and takes its slice of each
+        # epoch's permutation itself (jobs.trainer._epoch_batches)
+        dataset_config=DataConfig(
+            datasets_to_split=[] if config.run.rank_rows == "global_shuffle" else "all",
+            execution_options=ExecutionOptions(preserve_order=True),
+        ),
     )
     print(
         f"{job.name}: {_workers(scaling.num_workers)} workers ({'GPU' if scaling.use_gpu else 'CPU'}), "
-        f"global batch {global_batch(config)}",
+        f"global batch {global_batch(config)}, rows per rank: {config.run.rank_rows}",
         flush=True,
     )
     result = trainer.fit()
@@ -128,6 +135,33 @@ def launch(job: Job[Any, Any], config: TrainJobConfig, prepared: Prepared[Any]) 
         print(f"{job.name}: registered {info['uri']}" if "uri" in info else f"{job.name}: {info['deferred']}",
               flush=True)  # fmt: skip
     return result
+
+
+def rank_rows(config: TrainJobConfig, train_files: Sequence[str]) -> str:
+    """`run.rank_rows` resolved: `auto` is `global_shuffle` when the training files' uncompressed
+    size (what each rank's epoch cache would hold, before the held-out rows are dropped) fits in
+    `run.epoch_cache_mb`, else `streaming_split`.
+
+    Why the size decides: under `global_shuffle` every rank reads and keeps the whole training set
+    (world x the reads of a split), which buys a model that depends only on the config and the
+    data; past the cache's bound it would not fit, and a split reads each row once."""
+    if config.run.rank_rows != "auto":
+        return config.run.rank_rows
+    bound = config.run.epoch_cache_mb << 20
+    return "global_shuffle" if 0 < parquet_bytes(train_files) <= bound else "streaming_split"
+
+
+def parquet_bytes(files: Sequence[str]) -> int:
+    """Uncompressed size of parquet files from their footers (no data read); local paths or URIs."""
+    import pyarrow.fs as pafs
+    import pyarrow.parquet as pq
+
+    total = 0
+    for path in files:
+        fs, local = pafs.FileSystem.from_uri(path) if "://" in path else (None, path)
+        meta = pq.read_metadata(local, filesystem=fs)
+        total += sum(meta.row_group(i).total_byte_size for i in range(meta.num_row_groups))
+    return total
 
 
 def _workers(num_workers: int | list[int]) -> str:

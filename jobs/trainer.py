@@ -6,13 +6,16 @@ shard, checkpoints with complete state (model/optimizer/scheduler via DeepSpeed,
 position and RNG), resume from `ray.train.get_checkpoint()`, rank-0 MLflow logging through a
 `RunTracker` (stable run id, outage-proof), the end-of-run export.
 
-Data position: each rank reads its `streaming_split` shard in a deterministic order
-(`preserve_order`, seeded local shuffle per epoch; from the second epoch on, a seeded permutation
-of the rank's rows held by `jobs.epoch_cache` when they fit) and records the keys it consumed in the
-epoch; a resumed run drops those rows from its shard before collating (skipping costs the read,
-not the tokenization or tensor building), so on the same number of ranks it sees the same next
-batches, and on another number (`jobs.elastic`: universal checkpoint, same global batch) it sees
-each remaining row of the epoch once.
+Data position: which rows a rank trains on is `run.rank_rows` (`jobs.launch.rank_rows`): a slice
+of one seeded permutation of the whole training set per epoch (`global_shuffle`, when it fits the
+epoch cache: the same config on the same data trains the same model), or Ray Data's
+`streaming_split` shard (any size; its membership varies between runs). Either way a rank's epoch
+order is a seeded permutation of its rows sorted by key (`jobs.epoch_cache`) when they fit, else a
+seeded local shuffle of the stream, and the rank records the keys it consumed in the epoch; a
+resumed run drops those rows before collating (skipping costs the read, not the tokenization or
+tensor building), so on the same number of ranks it sees the same next batches, and on another
+number (`jobs.elastic`: universal checkpoint, same global batch) it sees each remaining row of the
+epoch once.
 
 Everything a worker gets is the typed `jobs.job.WorkerSpec`: the job object, its validated config,
 its `Inputs` dataclass and the `RunContext`.
@@ -172,10 +175,10 @@ def train_loop_per_worker(spec: WorkerSpec[Any, Any]) -> None:
     consumed: list[str] = consumed_before.to_pylist() if rank == 0 else []
     start: float | None = None  # set at the first batch: throughput excludes Ray Data's start-up
     cache = EpochCache(max_bytes=config.run.epoch_cache_mb << 20, key_column=KEY_COLUMN)
+    global_shuffle = config.run.rank_rows == "global_shuffle"  # resolved by jobs.launch.rank_rows
     while step < max_steps:
-        batches = _epoch_batches(
-            shard, cache, micro=micro, seed=seed, epoch=state["epoch"], rank=rank
-        )
+        batches = _epoch_batches(shard, cache, micro=micro, seed=seed, epoch=state["epoch"],
+                                 rank=rank, world=world if global_shuffle else None)  # fmt: skip
         seen = 0
         for arrow_batch in unconsumed_batches(batches, consumed_before, micro):
             consumed.extend(arrow_batch.column(KEY_COLUMN).to_pylist())
@@ -236,7 +239,7 @@ def train_loop_per_worker(spec: WorkerSpec[Any, Any]) -> None:
 
 
 def _epoch_batches(shard: Any, cache: EpochCache, *, micro: int, seed: int, epoch: int,
-                   rank: int) -> Iterable[pa.Table]:  # fmt: skip
+                   rank: int, world: int | None) -> Iterable[pa.Table]:  # fmt: skip
     """One epoch of this rank's rows in micro batches: a seeded permutation of the rank's rows
     sorted by key, from `cache` (`jobs.epoch_cache`), which reads a whole pass first; or, for a
     shard over the cache's bound, streamed from Ray Data (seeded local shuffle, the partial last
@@ -247,9 +250,14 @@ def _epoch_batches(shard: Any, cache: EpochCache, *, micro: int, seed: int, epoc
     order trained another model on every ingest. From the cache every epoch's order depends only
     on the rank's rows, the seed and the epoch (the demo's stage 1 on two ingests whose files hold
     the rows in other orders, with the same rows per rank: identical losses to the last digit). A
-    resumed run serves the same order as the run it resumes. Which rows a rank gets is still Ray
-    Data's `streaming_split`, and that varied between runs of the demo (three runs, three
-    different sets): so the same config on the same images is not yet the same model."""
+    resumed run serves the same order as the run it resumes.
+
+    Which rows a rank gets: with `world` (`run.rank_rows=global_shuffle`) the shard is the whole
+    training set, the same on every rank; the epoch is one permutation of it by (seed, epoch) and
+    this rank serves its slice, so the same config on the same data trains the same model. Such a
+    shard must fit the cache: streamed, every rank would train on every row. Without `world` the
+    shard is Ray Data's `streaming_split`, whose membership varied between runs of the demo (three
+    runs, three different sets)."""
 
     def stream() -> Iterable[pa.Table]:
         # drop_last=False: the cache must hold every row of the shard, the partial last batch's
@@ -261,8 +269,15 @@ def _epoch_batches(shard: Any, cache: EpochCache, *, micro: int, seed: int, epoc
 
     if cache.enabled and not cache.ready:
         cache.fill(stream())
+    if cache.ready and world is not None:
+        return cache.epoch(seed=(seed, epoch), batch_size=micro, part=(rank, world))
     if cache.ready:
         return cache.epoch(seed=(seed, epoch, rank), batch_size=micro)
+    if world is not None:
+        raise ValueError(
+            f"run.rank_rows=global_shuffle: rank {rank}'s copy of the training set is over "
+            f"run.epoch_cache_mb={cache.max_bytes >> 20}; raise it, or set run.rank_rows=streaming_split"
+        )
     if rank == 0:
         logger.info("epoch %d streams from Ray Data: the shard is over run.epoch_cache_mb", epoch)
     return stream()

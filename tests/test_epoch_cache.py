@@ -107,12 +107,15 @@ class SeededShard:
         return iter([rows.slice(i, min(batch_size, end - i)) for i in range(0, end, batch_size)])
 
 
-def trained_epoch(shard, cache, *, epoch, consumed=(), micro=16, seed=0, rank=1) -> list[list[str]]:
-    """The batches the training loop steps on in `epoch` (jobs.trainer's own composition)."""
+def trained_epoch(shard, cache, *, epoch, consumed=(), micro=16, seed=0, rank=1,
+                  world=None) -> list[list[str]]:  # fmt: skip
+    """The batches the training loop steps on in `epoch` (jobs.trainer's own composition);
+    `world`: run.rank_rows=global_shuffle (the shard is the whole training set)."""
     from jobs.elastic import unconsumed_batches
     from jobs.trainer import _epoch_batches
 
-    batches = _epoch_batches(shard, cache, micro=micro, seed=seed, epoch=epoch, rank=rank)
+    batches = _epoch_batches(shard, cache, micro=micro, seed=seed, epoch=epoch, rank=rank,
+                             world=world)  # fmt: skip
     return [t.column(KEY).to_pylist()
             for t in unconsumed_batches(batches, pa.array(list(consumed), pa.string()), micro)]  # fmt: skip
 
@@ -159,3 +162,55 @@ def test_a_shard_over_the_bound_streams_its_first_epoch_whole():
     epoch0 = trained_epoch(shard, cache, epoch=0)
     assert not cache.enabled and [len(b) for b in epoch0] == [16, 16]
     assert len({k for b in epoch0 for k in b}) == 32
+
+
+def global_epochs(keys: list[str], *, world: int, epochs: int, micro: int = 4, consumed=(),
+                  arrival_seed: int | None = None) -> list[list[list[list[str]]]]:  # fmt: skip
+    """[rank][epoch] -> batches under run.rank_rows=global_shuffle: every rank reads the whole
+    training set (in its own arrival order when `arrival_seed`) into its own cache."""
+    out = []
+    for rank in range(world):
+        order = keys
+        if arrival_seed is not None:
+            order = list(np.random.default_rng([arrival_seed, rank]).permutation(keys))
+        shard, cache = SeededShard(order), EpochCache(max_bytes=1 << 20, key_column=KEY)
+        out.append([trained_epoch(shard, cache, epoch=e, micro=micro, rank=rank, world=world,
+                                  consumed=consumed if e == 0 else ()) for e in range(epochs)])  # fmt: skip
+    return out
+
+
+@pytest.mark.parametrize("world", [1, 2, 3])
+def test_global_shuffle_ranks_step_on_disjoint_equal_slices_of_one_permutation(world):
+    """Under global_shuffle every rank holds the whole training set; in each epoch the ranks' rows
+    are disjoint, equally many (so every rank steps equally often), and all rows but fewer than
+    world x micro; epochs differ; and none of it depends on the order the rows arrived in."""
+    keys = [f"{i:04d}" for i in range(43)]
+    runs = global_epochs(keys, world=world, epochs=3)
+    for epoch in range(3):
+        parts = [{k for b in runs[r][epoch] for k in b} for r in range(world)]
+        assert len({len(runs[r][epoch]) for r in range(world)}) == 1, "ranks step unequally"
+        assert sum(len(p) for p in parts) == len(set().union(*parts)), "a row on two ranks"
+        assert len(keys) - len(set().union(*parts)) < world * 4
+    assert runs[0][0] != runs[0][1], "epochs must differ"
+    assert global_epochs(keys, world=world, epochs=3, arrival_seed=5) == runs
+
+
+def test_global_shuffle_resumed_on_fewer_ranks_trains_every_remaining_row_once():
+    """Keys consumed by 3 ranks before a checkpoint, resumed on 2 (an elastic restart): the 2 ranks
+    step on the other rows of the epoch once each, none of the consumed ones, and leave out only
+    what their partial last batches drop."""
+    keys = [f"{i:04d}" for i in range(48)]
+    before = global_epochs(keys, world=3, epochs=1)
+    consumed = [k for r in range(3) for k in before[r][0][0]]  # each rank's first batch
+    after = global_epochs(keys, world=2, epochs=1, consumed=consumed)
+    rest = [k for r in range(2) for b in after[r][0] for k in b]
+    assert len(rest) == len(set(rest)) and not set(rest) & set(consumed)
+    assert len(keys) - len(consumed) - len(rest) < 2 * 4
+
+
+def test_global_shuffle_over_the_cache_bound_is_refused():
+    """A whole training set over run.epoch_cache_mb cannot be served as a slice: an error that
+    says which settings to change, not every rank training on every row."""
+    shard = SeededShard([f"{i:04d}" for i in range(43)])
+    with pytest.raises(ValueError, match="run.rank_rows=streaming_split"):
+        trained_epoch(shard, EpochCache(max_bytes=64, key_column=KEY), epoch=0, rank=0, world=2)

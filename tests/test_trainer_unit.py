@@ -115,3 +115,40 @@ def test_param_groups_has_no_empty_group(module, decays):
     assert all(g["params"] for g in groups)
     if groups:
         torch.optim.AdamW(groups, lr=1e-3)  # accepted as is
+
+
+# ---- run.rank_rows ----------------------------------------------------------------------------
+def test_rank_rows_auto_shuffles_globally_only_what_fits_the_epoch_cache(tmp_path):
+    """`auto` resolves to global_shuffle when the training files' uncompressed size fits in
+    run.epoch_cache_mb and to streaming_split past it (or with the cache off); an explicit choice
+    is kept; global_shuffle without the cache and unknown values are refused by name."""
+    import numpy as np
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from jobs.config import RunSettings
+    from jobs.launch import parquet_bytes, rank_rows
+
+    files = []
+    for i in range(2):  # 2 x 300k float32: ~2.4 MB uncompressed, whatever the compression
+        path = tmp_path / f"{i:05d}.parquet"
+        pq.write_table(pa.table({"key": [f"{i}-{j}" for j in range(300_000)],
+                                 "x": np.zeros(300_000, np.float32)}), path)  # fmt: skip
+        files.append(str(path))
+    size = parquet_bytes(files)
+    assert size > 2 * 300_000 * 4
+    assert (
+        rank_rows(job_config(run=RunSettings(epoch_cache_mb=(size >> 20) + 1)), files)
+        == "global_shuffle"
+    )
+    assert (
+        rank_rows(job_config(run=RunSettings(epoch_cache_mb=(size >> 20) - 1)), files)
+        == "streaming_split"
+    )
+    assert rank_rows(job_config(run=RunSettings(epoch_cache_mb=0)), files) == "streaming_split"
+    explicit = job_config(run=RunSettings(epoch_cache_mb=1, rank_rows="global_shuffle"))
+    assert rank_rows(explicit, files) == "global_shuffle"
+    with pytest.raises(ValueError, match="needs the epoch cache"):
+        RunSettings(epoch_cache_mb=0, rank_rows="global_shuffle")
+    with pytest.raises(ValueError, match="run.rank_rows must be one of"):
+        RunSettings(rank_rows="random")
