@@ -15,8 +15,9 @@ another `scaling.num_workers`), but three things written by N ranks do not fit M
   configured, or largest, number of workers); `batch_layout` keeps it on M workers by choosing the
   micro batch and the gradient accumulation (refusing, with the worker counts that work, when it
   cannot be split evenly).
-- **The data position.** Each rank reads its own `streaming_split` shard, and which rows a rank
-  gets depends on the number of ranks, so "rank r consumed k batches" means nothing on M ranks.
+- **The data position.** Which rows a rank gets depends on the number of ranks (its slice of the
+  epoch's permutation under `run.rank_rows=global_shuffle`, its `streaming_split` shard
+  otherwise), so "rank r consumed k batches" means nothing on M ranks.
   Every rank records the keys it consumed in the current epoch (`consumed_keys_rank<r>.parquet` in
   the checkpoint); a resumed rank drops the union of them from its new shard before batching, so no
   row of the epoch is seen twice or skipped (on the same number of ranks this reproduces exactly
