@@ -332,3 +332,27 @@ def test_evaluate_mistakes_exit_2_with_one_line(cli_chain, mlflow_env, capsys, a
     assert main(["--root", str(cli_chain.root), "--corpus", CORPUS, *argv]) == 2
     err = capsys.readouterr().err
     assert "error:" in err and message in err and "Traceback" not in err, err
+
+
+def test_collected_rows_do_not_depend_on_the_order_the_actors_finish_in():
+    """The driver's rows come out sorted by key whichever batch an actor returned first, so the
+    metrics' sums run in one order (two demo runs with identical models differed in gen_mse's last
+    bits before)."""
+    from jobs.eval_data import _collect
+
+    class Finished:
+        def __init__(self, batches):
+            self.batches = batches
+
+        def iter_batches(self, **_):
+            return iter(self.batches)
+
+    first = {"key": np.array(["b", "d"], dtype=object), "x": np.array([1.0, 3.0])}
+    second = {"key": np.array(["a", "c"], dtype=object), "x": np.array([0.0, 2.0])}
+    rows = [
+        _collect(Finished(order), sort_by="key") for order in ([first, second], [second, first])
+    ]
+    for collected in rows:
+        assert collected["key"].tolist() == ["a", "b", "c", "d"]
+        assert collected["x"].tolist() == [0.0, 1.0, 2.0, 3.0]
+    assert _collect(Finished([]), sort_by="key") == {}
