@@ -106,7 +106,10 @@ def test_the_same_config_on_the_same_data_trains_the_same_model(root):
             "--corpus", CORPUS, "register_as=seed-tokenizer-stage1-again"]  # fmt: skip
     assert train_tokenizer.main([*base, "run.name=again"]) == 0
     clean_dir, again_dir = root / "runs" / f"stage1-{CORPUS}", root / "runs" / "again"
-    assert yaml.safe_load((again_dir / "config.yaml").read_text())["run"]["rank_rows"] == "global_shuffle"
+    assert (
+        yaml.safe_load((again_dir / "config.yaml").read_text())["run"]["rank_rows"]
+        == "global_shuffle"
+    )
     assert losses(again_dir) == losses(clean_dir)
     again = CausalQFormer.from_pretrained(again_dir / "export")
     assert again.digest == CausalQFormer.from_pretrained(clean_dir / "export").digest
