@@ -212,7 +212,7 @@ def test_in_job_retrieval_is_many_to_many():
 @pytest.mark.slow
 @pytest.mark.timeout(180)
 def test_stage1_learns_the_shapes_corpus():
-    """A few hundred synthetic images and ~100 steps: the ITC loss ends well below ln(batch) and
+    """A few hundred synthetic images and 200 steps: the ITC loss ends well below ln(batch) and
     held-out many-to-many R@1 is at least 5x chance in both directions."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # a width-32 model: a second thread only adds OpenMP spin-waits
