@@ -20,7 +20,7 @@ import yaml
 from jobs.eval_data import EvalWorker, keep_split
 from jobs.eval_report import compute_metrics, format_table
 from jobs.evaluate import EvaluateConfig, split_fraction
-from jobs.metrics import dedupe_captions, retrieval_chance
+from jobs.metrics import Relevance, chance_at_k, dedupe_captions, retrieval_chance
 from pipelines.datasets import drop_holdout, is_holdout
 from tests.chain import CORPUS, seedpipe_exe, user_env
 
@@ -223,15 +223,20 @@ def run_config(chain, name: str) -> dict:
     return yaml.safe_load((chain.run_dir(name) / "config.yaml").read_text())
 
 
-def split_groups(chain, fraction: float) -> tuple[list[str], np.ndarray, int]:
-    """Keys, caption groups and distinct-caption count of the chain's held-out features rows."""
+def split_relation(chain, fraction: float) -> tuple[list[str], Relevance, int]:
+    """Keys, the image-caption relation (images by sha256, distinct captions) and the
+    distinct-caption count of the chain's held-out features rows, built with plain sets."""
     files = sorted((chain.root / "corpora" / CORPUS / "features" / "tiny").glob("*.parquet"))
-    table = pa.concat_tables(pq.read_table(f, columns=["key", "caption"]) for f in files)
+    table = pa.concat_tables(pq.read_table(f, columns=["key", "sha256", "caption"]) for f in files)
     keep = is_holdout(table.column("key").to_pylist(), fraction)
-    captions = [c for c, k in zip(table.column("caption").to_pylist(), keep, strict=True) if k]
-    unique, group = dedupe_captions(captions)
-    keys = [k for k, m in zip(table.column("key").to_pylist(), keep, strict=True) if m]
-    return keys, group, len(unique)
+    rows = [(k, s, c) for k, s, c, m in zip(*(table.column(n).to_pylist() for n in ("key", "sha256", "caption")),
+                                           keep, strict=True) if m]  # fmt: skip
+    images = sorted({s for _, s, _ in rows})
+    captions = sorted({c for _, _, c in rows})
+    pairs = sorted({(images.index(s), captions.index(c)) for _, s, c in rows})
+    relation = Relevance.from_pairs([i for i, _ in pairs], [t for _, t in pairs],
+                                    num_images=len(images), num_texts=len(captions))  # fmt: skip
+    return [k for k, _, _ in rows], relation, len(captions)
 
 
 @pytest.mark.slow
@@ -262,9 +267,10 @@ def test_evaluate_console_script_writes_every_metric_beside_chance(cli_chain, tm
         run_config(cli_chain, n)["holdout"] for n in ("stage1-chain", "stage2-chain", "lora-chain")
     }
     assert result["split"]["name"] == "holdout" and result["split"]["fraction"] == min(trained)
-    keys, group, num_unique = split_groups(cli_chain, result["split"]["fraction"])
+    keys, relation, num_unique = split_relation(cli_chain, result["split"]["fraction"])
     assert result["split"]["rows"] == len(keys) and result["split"]["captions"] == num_unique
-    expected = retrieval_chance(group, np.arange(num_unique), (1, 5, 10))
+    # the chain's images repeat (same bytes, so the same sha256): each is one candidate
+    expected = chance_at_k(relation, (1, 5, 10))
     for name in RETRIEVAL:
         assert result["chance"][name] == pytest.approx(expected[name.rsplit("_", 1)[0]])
     assert result["chance"]["t2i_r1"] == pytest.approx(expected["t2i_r1"])
