@@ -148,11 +148,14 @@ def rank_rows(config: TrainJobConfig, train_files: Sequence[str]) -> str:
     if config.run.rank_rows != "auto":
         return config.run.rank_rows
     bound = config.run.epoch_cache_mb << 20
-    return "global_shuffle" if 0 < parquet_bytes(train_files) <= bound else "streaming_split"
+    size = parquet_bytes(train_files, stop_above=bound)
+    return "global_shuffle" if 0 < size <= bound else "streaming_split"
 
 
-def parquet_bytes(files: Sequence[str]) -> int:
-    """Uncompressed size of parquet files from their footers (no data read); local paths or URIs."""
+def parquet_bytes(files: Sequence[str], *, stop_above: int | None = None) -> int:
+    """Uncompressed size of parquet files from their footers (no data read); local paths or URIs.
+    `stop_above`: return as soon as the sum passes it (a CC3M-sized corpus has thousands of
+    footers on object storage, and past the bound the exact size does not matter)."""
     import pyarrow.fs as pafs
     import pyarrow.parquet as pq
 
@@ -161,6 +164,8 @@ def parquet_bytes(files: Sequence[str]) -> int:
         fs, local = pafs.FileSystem.from_uri(path) if "://" in path else (None, path)
         meta = pq.read_metadata(local, filesystem=fs)
         total += sum(meta.row_group(i).total_byte_size for i in range(meta.num_row_groups))
+        if stop_above is not None and total > stop_above:
+            break
     return total
 
 

@@ -263,7 +263,7 @@ class ImageCaptionIndex:
     def references_I(self) -> list[list[str]]:
         """Each image's distinct captions (the references its generated caption is scored against)."""
         refs: list[list[str]] = [[] for _ in self.image_row_I]
-        for code in (self.relevance.image_text).tolist():
+        for code in self.relevance.image_text.tolist():
             image, caption = divmod(code, self.relevance.num_texts)
             refs[image].append(self.captions_U[caption])
         return refs

@@ -27,6 +27,21 @@ def _hit_rate(sim_QC: torch.Tensor, relevant_QC: torch.Tensor, k: int) -> float:
     return metric(sim_QC.reshape(-1), relevant_QC.reshape(-1), indexes=query_QC.reshape(-1)).item()
 
 
+def random_ranking_recall(relevant_IT: np.ndarray, ks, *, trials: int,
+                          rng: np.random.Generator) -> dict[str, float]:  # fmt: skip
+    """Mean recall@k both ways over `trials` uniformly random rankings of an (I, T) relation."""
+    sums = {f"{d}_r{k}": 0.0 for d in ("i2t", "t2i") for k in ks}
+    for _ in range(trials):
+        order_IT = np.argsort(rng.random(relevant_IT.shape), axis=1)  # random ranking per image
+        order_TI = np.argsort(rng.random(relevant_IT.T.shape), axis=1)
+        hit_IT = np.take_along_axis(relevant_IT, order_IT, axis=1)
+        hit_TI = np.take_along_axis(relevant_IT.T, order_TI, axis=1)
+        for k in ks:
+            sums[f"i2t_r{k}"] += hit_IT[:, :k].any(axis=1).mean()
+            sums[f"t2i_r{k}"] += hit_TI[:, :k].any(axis=1).mean()
+    return {key: total / trials for key, total in sums.items()}
+
+
 def test_one_to_one_recall_matches_torchmetrics_hit_rate():
     """With unique groups, recall@k both ways equals torchmetrics' per-query RetrievalHitRate mean."""
     g = torch.Generator().manual_seed(0)
@@ -116,20 +131,8 @@ def test_relation_chance_matches_monte_carlo_random_rankings():
     image_P, text_P = np.nonzero(relevant_IT)
     ks = (1, 5)
     chance = chance_at_k(Relevance.from_pairs(image_P, text_P, num_images=20, num_texts=30), ks)
-    sums = dict.fromkeys(chance, 0.0)
-    trials = 3000
-    for _ in range(trials):
-        hit_IT = np.take_along_axis(
-            relevant_IT, np.argsort(rng.random(relevant_IT.shape), axis=1), axis=1
-        )
-        hit_TI = np.take_along_axis(
-            relevant_IT.T, np.argsort(rng.random(relevant_IT.T.shape), axis=1), axis=1
-        )
-        for k in ks:
-            sums[f"i2t_r{k}"] += hit_IT[:, :k].any(axis=1).mean()
-            sums[f"t2i_r{k}"] += hit_TI[:, :k].any(axis=1).mean()
-    for key, value in chance.items():
-        assert sums[key] / trials == pytest.approx(value, abs=0.01), key
+    for key, value in random_ranking_recall(relevant_IT, ks, trials=3000, rng=rng).items():
+        assert value == pytest.approx(chance[key], abs=0.01), key
 
 
 def test_image_caption_index_groups_rows_by_image_and_caption():
@@ -171,18 +174,8 @@ def test_chance_matches_monte_carlo_random_rankings():
     ks = (1, 5, 10)
     chance = retrieval_chance(image_group_I, text_group_T, ks)
     relevant_IT = image_group_I[:, None] == text_group_T[None, :]
-    trials = 4000
-    sums = dict.fromkeys(chance, 0.0)
-    for _ in range(trials):
-        order_IT = np.argsort(rng.random(relevant_IT.shape), axis=1)  # random ranking per image
-        order_TI = np.argsort(rng.random(relevant_IT.T.shape), axis=1)
-        hit_IT = np.take_along_axis(relevant_IT, order_IT, axis=1)
-        hit_TI = np.take_along_axis(relevant_IT.T, order_TI, axis=1)
-        for k in ks:
-            sums[f"i2t_r{k}"] += hit_IT[:, :k].any(axis=1).mean()
-            sums[f"t2i_r{k}"] += hit_TI[:, :k].any(axis=1).mean()
-    for key, value in chance.items():
-        assert sums[key] / trials == pytest.approx(value, abs=0.01), key
+    for key, value in random_ranking_recall(relevant_IT, ks, trials=4000, rng=rng).items():
+        assert value == pytest.approx(chance[key], abs=0.01), key
 
 
 def test_tokenize_is_ptb_like():
