@@ -24,8 +24,15 @@ def free_port() -> int:
 class MlflowServer:
     """`mlflow server` on 127.0.0.1 with a SQLite store, in its own process group."""
 
-    def __init__(self, root: Path) -> None:
+    def __init__(self, root: Path, *, artifacts_destination: str | None = None,
+                 env: dict[str, str] | None = None, app_name: str | None = None) -> None:  # fmt: skip
+        """`artifacts_destination`: where the server stores artifacts (default `root/artifacts`;
+        e.g. `s3://bucket/mlartifacts` with the S3 variables in `env`). `app_name`: MLflow's
+        `--app-name` (e.g. `basic-auth`)."""
         self.root = root
+        self.artifacts_destination = artifacts_destination or str(root / "artifacts")
+        self.extra_env = dict(env or {})
+        self.app_name = app_name
         self.port = free_port()
         self.uri = f"http://127.0.0.1:{self.port}"
         self.proc: subprocess.Popen | None = None
@@ -36,10 +43,11 @@ class MlflowServer:
         # it is not needed here and slows the start on 2 cores.
         env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
         env["MLFLOW_SERVER_ENABLE_JOB_EXECUTION"] = "false"
+        env.update(self.extra_env)
         cmd = [sys.executable, "-m", "mlflow", "server", "--backend-store-uri",
                f"sqlite:///{self.root}/server.db", "--artifacts-destination",
-               str(self.root / "artifacts"), "--host", "127.0.0.1", "--port", str(self.port),
-               "--workers", "1"]  # fmt: skip
+               self.artifacts_destination, "--host", "127.0.0.1", "--port", str(self.port),
+               "--workers", "1"] + (["--app-name", self.app_name] if self.app_name else [])  # fmt: skip
         t0 = time.monotonic()
         with open(self.root / "server.log", "ab") as log:
             self.proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env,
