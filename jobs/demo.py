@@ -274,7 +274,7 @@ class Demo:
         """A training job: skipped when the run of its key registered a model, else `main(argv)`.
         The registered models:/ URI becomes `self.models[model]` (the next steps' input)."""
         from jobs.config import CONFIG_DIR
-        from jobs.job import run_dir
+        from jobs.job import run_folder
         from pipelines.models import resolve_model
 
         argv = [*argv, *self.common()] + ([f"optim.max_steps={steps}"] if steps else [])
@@ -282,12 +282,12 @@ class Demo:
             parse_command(job.config_cls, argv, prog=name, description="", config_dirs=[CONFIG_DIR])
         )
         run_name = f"{job.name}-{self.config.corpus}-{self.job_key(job, config)[:10]}"
-        folder = run_dir(
+        folder = run_folder(
             dataclasses.replace(config, run=dataclasses.replace(config.run, name=run_name)),
             job.name,
         )
-        record = folder / "registered_model.json"
-        info = json.loads(record.read_text()) if record.is_file() else {}
+        record = folder.read_text("registered_model.json")
+        info = json.loads(record) if record else {}
         status = "skipped"
         if "uri" in info:
             try:
@@ -299,7 +299,8 @@ class Demo:
         if "uri" not in info:
             stage = ["--stage", name[-1]] if name.startswith("stage") else []
             code = module.main([*stage, *argv, f"run.name={run_name}"])
-            info = json.loads(record.read_text()) if record.is_file() else {}
+            record = folder.read_text("registered_model.json")
+            info = json.loads(record) if record else {}
             if code != 0 or "uri" not in info:
                 raise StepFailed(
                     f"{name} exited {code}"
@@ -307,8 +308,9 @@ class Demo:
                 )
             status = "trained"
         self.models[model], self.digests[model] = info["uri"], info.get("digest", "")
-        curve = losses(folder)
-        extra = {"run_dir": str(folder), "model": info["uri"], "loss_first": curve[0][1] if curve else None,
+        folder.pull("metrics.jsonl")
+        curve = losses(folder.local)
+        extra = {"run_dir": folder.uri, "model": info["uri"], "loss_first": curve[0][1] if curve else None,
                  "loss_last": curve[-1][1] if curve else None, "steps": curve[-1][0] if curve else 0}  # fmt: skip
         if status == "skipped":
             return StepResult(

@@ -38,6 +38,8 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from pipelines.storage import RunFolder
+
 logger = logging.getLogger(__name__)
 KEY_COLUMN = "key"
 KEYS_FILE = "consumed_keys_rank{rank}.parquet"
@@ -175,7 +177,9 @@ def unconsumed_batches(
     yield from full_batches(batches, size)
 
 
-def record_resize(run_dir: Path, record: dict[str, Any]) -> None:
-    with (run_dir / RESIZE_LOG).open("a") as f:
-        f.write(json.dumps(record, sort_keys=True) + "\n")
+def record_resize(folder: RunFolder, record: dict[str, Any]) -> None:
+    """Append a resize to the run folder's log (read, append, write back: an object store has no
+    append; one writer, rank 0)."""
+    before = folder.read_text(RESIZE_LOG) or ""
+    folder.write_text(RESIZE_LOG, before + json.dumps(record, sort_keys=True) + "\n")
     logger.warning("elastic resume: %s", record)

@@ -24,6 +24,7 @@ from torch import nn
 
 from jobs.config import TrainJobConfig
 from pipelines.datasets import DatasetRef
+from pipelines.storage import RunFolder, is_remote, join_uri
 
 C = TypeVar("C", bound=TrainJobConfig)
 I = TypeVar("I")  # noqa: E741 - the job's Inputs type
@@ -46,8 +47,18 @@ class RunContext:
     world: int = 1
 
     @property
+    def folder(self) -> RunFolder:
+        """The run folder on the root's storage (`pipelines.storage.RunFolder`), one per process."""
+        uri = join_uri(self.storage_path, self.run_name)
+        if uri not in _FOLDERS:
+            _FOLDERS[uri] = RunFolder(uri)
+        return _FOLDERS[uri]
+
+    @property
     def run_dir(self) -> Path:
-        return Path(self.storage_path, self.run_name)
+        """This node's copy of the run folder: the folder itself on a local root; on an object
+        store, its mirror, whose files reach the store through `folder.push`."""
+        return self.folder.local
 
     def on_rank(self, rank: int, world: int) -> RunContext:
         return dataclasses.replace(self, rank=rank, world=world)
@@ -120,13 +131,18 @@ class WorkerSpec(Generic[C, I]):
 
 
 def run_location(config: TrainJobConfig, job_name: str) -> tuple[str, str]:
-    """(run name, storage path): `<job>-<corpus>` under `<root>/runs` unless the config says."""
+    """(run name, storage path): `<job>-<corpus>` under `<root>/runs` unless the config says. The
+    storage is a store URI on an object-store root (Ray Train's checkpoints go there too), an
+    absolute path otherwise."""
     name = config.run.name or f"{job_name}-{config.corpus}"
-    storage = config.run.storage_path or str(Path(config.root, "runs").resolve())
-    return name, storage
+    storage = config.run.storage_path or join_uri(config.root, "runs")
+    return name, storage if is_remote(storage) else str(Path(storage).expanduser().resolve())
 
 
-def run_dir(config: TrainJobConfig, job_name: str) -> Path:
+def run_folder(config: TrainJobConfig, job_name: str) -> RunFolder:
     """`<storage>/<run name>`: the run folder (config, metrics.jsonl, MLflow run id, export)."""
     name, storage = run_location(config, job_name)
-    return Path(storage, name)
+    return RunFolder(join_uri(storage, name))
+
+
+_FOLDERS: dict[str, RunFolder] = {}

@@ -83,6 +83,7 @@ def launch(job: Job[Any, Any], config: TrainJobConfig, prepared: Prepared[Any]) 
     sync_pending(config.root)  # stage runs an MLflow outage left queued (bounded, never raises)
     context.run_dir.mkdir(parents=True, exist_ok=True)
     cfg.save_config(config, context.run_dir / "config.yaml")
+    context.folder.push("config.yaml")
     env = configure_environment()
     ensure_ray(config.address)
     spec = WorkerSpec(job=job, config=config, inputs=prepared.inputs, context=context,
@@ -129,9 +130,10 @@ def launch(job: Job[Any, Any], config: TrainJobConfig, prepared: Prepared[Any]) 
         flush=True,
     )
     result = trainer.fit()
-    registered = context.run_dir / "registered_model.json"
-    if registered.exists():
-        info = json.loads(registered.read_text())
+    from jobs.trainer import REGISTERED_FILE
+
+    if registered := context.folder.read_text(REGISTERED_FILE):
+        info = json.loads(registered)
         print(f"{job.name}: registered {info['uri']}" if "uri" in info else f"{job.name}: {info['deferred']}",
               flush=True)  # fmt: skip
     return result

@@ -31,7 +31,7 @@ import torch
 from torch import nn
 
 from jobs import config as cfg
-from jobs.job import Job, JobParts, Prepared, RunContext, run_dir
+from jobs.job import Job, JobParts, Prepared, RunContext, run_folder
 from jobs.lora_export import TINY_LLM, LoraExportInfo, build_tiny_llm, export_lora
 from jobs.plots import plot_losses
 from seed_core.llm import LoraSettings
@@ -290,11 +290,11 @@ class LoraJob(Job[LoraJobConfig, LoraInputs]):
                 f"max_length={config.max_length} cannot hold <img> + {num_tokens} codes + </img> + prompt"
             )
 
-        folder = run_dir(config, self.name)
+        folder = run_folder(config, self.name)
         text_tokenizer = config.llm_tokenizer or config.llm
         if config.llm_tokenizer == "train":
-            tokenizer_dir = folder / "text_tokenizer"
-            if not tokenizer_dir.exists():  # a restarted run keeps its first tokenizer
+            tokenizer_dir = folder.local / "text_tokenizer"
+            if not folder.pull("text_tokenizer"):  # a restarted run keeps its first tokenizer
                 from seed_core.llm import train_caption_tokenizer
 
                 captions = []
@@ -309,15 +309,19 @@ class LoraJob(Job[LoraJobConfig, LoraInputs]):
                 train_caption_tokenizer(
                     captions, vocab_size=config.train_vocab_size
                 ).save_pretrained(tokenizer_dir)
+                folder.push("text_tokenizer")
             text_tokenizer = str(tokenizer_dir)
         llm, base_in_export = config.llm, False
         if config.llm == TINY_LLM:
-            llm_dir = folder / "tiny_llm"
-            if not llm_dir.exists():
+            llm_dir = folder.local / "tiny_llm"
+            if not folder.pull("tiny_llm"):
                 tok = AutoTokenizer.from_pretrained(text_tokenizer)
                 build_tiny_llm(len(tok), max_positions=max(128, config.max_length), tokenizer=tok,
                                seed=config.run.seed).save_pretrained(llm_dir)  # fmt: skip
-            llm, base_in_export = str(llm_dir), True
+                folder.push("tiny_llm")
+            llm, base_in_export = folder.uri_of("tiny_llm"), True
+        if text_tokenizer == str(folder.local / "text_tokenizer"):
+            text_tokenizer = folder.uri_of("text_tokenizer")  # what the workers fetch
         tokens = LoraExportInfo(name=lineage.name, digest=lineage.digest, tokenizer_id=meta.get("tokenizer_id", ""),
                                 tokenizer_digest=meta.get("tokenizer_digest", ""),
                                 tokenizer_uri=meta.get("tokenizer_uri", ""))  # fmt: skip
@@ -326,7 +330,15 @@ class LoraJob(Job[LoraJobConfig, LoraInputs]):
         return Prepared(train_files=files, inputs=inputs, input_datasets=[lineage])
 
     def build(self, config: LoraJobConfig, inputs: LoraInputs, ctx: RunContext) -> JobParts:
+        import dataclasses
+
         from ray.data.collate_fn import ArrowBatchCollateFn
+
+        from pipelines.storage import local_copy
+
+        # run-folder files on an object store: this node's copy (hub ids and local paths pass)
+        inputs = dataclasses.replace(inputs, text_tokenizer=local_copy(inputs.text_tokenizer),
+                                     llm=local_copy(inputs.llm))  # fmt: skip
 
         from jobs.lora_eval import evaluate_lora
         from pipelines.datasets import load_holdout

@@ -18,7 +18,7 @@ import numpy as np
 import torch
 
 from jobs import config as cfg
-from jobs.job import Job, JobParts, Prepared, RunContext, run_dir
+from jobs.job import Job, JobParts, Prepared, RunContext, run_folder
 from jobs.plots import plot_losses
 from seed_core.tasks import Stage1Config
 
@@ -98,8 +98,9 @@ class Stage1Job(Job[Stage1JobConfig, Stage1Inputs]):
             )
         text_tokenizer = config.text_tokenizer
         if text_tokenizer == "train":
-            tokenizer_dir = run_dir(config, self.name) / "text_tokenizer"
-            if not tokenizer_dir.exists():  # a restarted run keeps its first tokenizer
+            folder = run_folder(config, self.name)
+            tokenizer_dir = folder.local / "text_tokenizer"
+            if not folder.pull("text_tokenizer"):  # a restarted run keeps its first tokenizer
                 from seed_core.llm import train_caption_tokenizer
 
                 captions = [
@@ -110,7 +111,8 @@ class Stage1Job(Job[Stage1JobConfig, Stage1Inputs]):
                 train_caption_tokenizer(captions, vocab_size=qcfg.vocab_size).save_pretrained(
                     tokenizer_dir
                 )
-            text_tokenizer = str(tokenizer_dir)
+                folder.push("text_tokenizer")
+            text_tokenizer = folder.uri_of("text_tokenizer")
         inputs = Stage1Inputs(features=features, text_tokenizer=text_tokenizer, train_files=files,
                               patch_shape=tuple(shapes["patch_features"]))  # fmt: skip
         return Prepared(train_files=files, inputs=inputs, input_datasets=[lineage])
@@ -120,6 +122,7 @@ class Stage1Job(Job[Stage1JobConfig, Stage1Inputs]):
         from transformers import AutoTokenizer
 
         from pipelines.datasets import fixed_tensor, load_holdout
+        from pipelines.storage import local_copy
         from seed_core.presets import get_preset
         from seed_core.qformer import CausalQFormer
         from seed_core.tasks import Stage1Task
@@ -133,7 +136,7 @@ class Stage1Job(Job[Stage1JobConfig, Stage1Inputs]):
         else:
             qformer = CausalQFormer(get_preset(config.preset).tokenizer.qformer)
         task = Stage1Task(qformer, config.task)
-        text_tok = AutoTokenizer.from_pretrained(inputs.text_tokenizer)
+        text_tok = AutoTokenizer.from_pretrained(local_copy(inputs.text_tokenizer))
         patch_shape, max_len = inputs.patch_shape, config.max_text_len
 
         class Collate(ArrowBatchCollateFn):

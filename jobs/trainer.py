@@ -58,11 +58,15 @@ from jobs.elastic import (
 )
 from jobs.epoch_cache import EpochCache
 from jobs.job import JobParts, RunContext, WorkerSpec
+from pipelines.storage import RunFolder
 
 logger = logging.getLogger(__name__)
 STATE_FILE = "trainer_state.json"
 JOB_STATE_FILE = "job_state.json"
 CONFIG_FILE = "config.yaml"
+METRICS_LOG = "metrics.jsonl"
+REGISTERED_FILE = "registered_model.json"
+"""In the run folder: the registered model's URI and digest, or why registration was deferred."""
 
 
 def lr_lambda(
@@ -168,7 +172,9 @@ def train_loop_per_worker(spec: WorkerSpec[Any, Any]) -> None:
     shard = ray.train.get_dataset_shard("train")
     device = ray.train.torch.get_device()
     max_steps, micro = config.optim.max_steps, layout.micro_batch
-    metrics_log = ctx.run_dir / "metrics.jsonl"
+    metrics_log = ctx.run_dir / METRICS_LOG
+    if rank == 0:
+        ctx.folder.pull(METRICS_LOG)  # a rank 0 restarted on another node appends to the same log
     step = state0 = state["step"]
     # This rank's keys of the current epoch; rank 0 also carries those consumed before a resume,
     # so that every checkpoint holds the epoch's whole consumed set (`jobs.elastic`).
@@ -186,7 +192,7 @@ def train_loop_per_worker(spec: WorkerSpec[Any, Any]) -> None:
             if start is None:
                 start = time.monotonic()
             if config.fault.kill_at_step == step and config.fault.rank == rank:
-                _kill_once(ctx.run_dir, step, config.run.checkpoint_every)
+                _kill_once(ctx.folder, step, config.run.checkpoint_every)
             engine.train()
             out = engine(batch)
             engine.backward(out.loss)
@@ -226,6 +232,8 @@ def train_loop_per_worker(spec: WorkerSpec[Any, Any]) -> None:
                     _append_jsonl(metrics_log, {"step": step, "metrics": evals})
             if save_now:
                 _save_and_report(engine, parts, ctx, state, metrics, consumed)
+                if rank == 0 and metrics_log.is_file():
+                    ctx.folder.push(METRICS_LOG)
             if step >= max_steps:
                 break
         if step < max_steps:
@@ -317,14 +325,18 @@ def _start(spec: WorkerSpec[Any, Any], parts: JobParts, ctx: RunContext,
     # checkpoints written before elastic resume existed carry no world: they were never resized
     resized = saved is not None and saved.get("world", ctx.world) != ctx.world
     if ctx.rank == 0:
-        _drop_lost_checkpoints(ctx.run_dir, saved["step"] if saved else 0)
+        _drop_lost_checkpoints(ctx.folder, saved["step"] if saved else 0)
     load_dir = ckpt_dir
     if saved is not None and resized:
         assert ckpt_dir is not None
+        universal = f"{UNIVERSAL_DIR}/{saved['tag']}"
         if ctx.rank == 0:
             to_universal(ckpt_dir, saved["tag"], ctx.run_dir)
+            ctx.folder.push(universal)  # the ranks on other nodes read it from the store
         if dist.is_initialized():
             dist.barrier()
+        if ctx.rank != 0:
+            ctx.folder.pull(universal)
         load_dir = ctx.run_dir / UNIVERSAL_DIR
     engine, _, _, _ = deepspeed.initialize(
         model=parts.task, optimizer=optimizer, lr_scheduler=schedule,
@@ -345,7 +357,7 @@ def _start(spec: WorkerSpec[Any, Any], parts: JobParts, ctx: RunContext,
             obj.load_state_dict(stored[name])
     consumed = load_consumed_keys(ckpt_dir)
     if resized and ctx.rank == 0:
-        record_resize(ctx.run_dir, {"step": saved["step"], "epoch": saved["epoch"], "from_workers": saved["world"],
+        record_resize(ctx.folder, {"step": saved["step"], "epoch": saved["epoch"], "from_workers": saved["world"],
                                     "to_workers": ctx.world, "micro_batch": layout.micro_batch,
                                     "accumulation": layout.accumulation, "global_batch": layout.global_batch,
                                     "consumed_in_epoch": len(consumed), "weights_sha256": state_digest(engine.module.state_dict()),
@@ -361,23 +373,31 @@ def _start(spec: WorkerSpec[Any, Any], parts: JobParts, ctx: RunContext,
     )
 
 
-def _drop_lost_checkpoints(run_dir: Path, step: int) -> None:
+def _drop_lost_checkpoints(folder: RunFolder, step: int) -> None:
     """Delete the checkpoint folders of steps after `step` (the one resumed from): an attempt that
     died wrote them, but Ray Train never registered them. Left in place, this attempt would write
     its own files of the same step into them and mix its ranks' files with the dead attempt's (a
-    stale `zero_pp_rank_1` beside a 1-rank checkpoint)."""
+    stale `zero_pp_rank_1` beside a 1-rank checkpoint). Through the run folder's filesystem: Ray
+    Train's checkpoints are in the store on an object-store root; the local mirror's universal
+    conversions are dropped as well."""
     import shutil
 
-    for folder in [run_dir, run_dir / UNIVERSAL_DIR]:
-        for path in folder.glob("step*"):
-            if (
-                re.fullmatch(r"step\d{8}", path.name)
-                and int(path.name[4:]) > step
-                and path.is_dir()
-            ):
+    import pyarrow.fs as pafs
+
+    def lost(name: str) -> bool:
+        return re.fullmatch(r"step\d{8}", name) is not None and int(name[4:]) > step
+
+    for base in [folder.path, folder.remote_path(UNIVERSAL_DIR)]:
+        infos = folder.fs.get_file_info(pafs.FileSelector(base, allow_not_found=True))
+        for info in infos:
+            if info.type == pafs.FileType.Directory and lost(info.base_name):
                 logger.warning(
-                    "removing %s: written after step %d by an attempt that died", path, step
+                    "removing %s: written after step %d by an attempt that died", info.path, step
                 )
+                folder.fs.delete_dir(info.path)
+    if folder.remote and (folder.local / UNIVERSAL_DIR).is_dir():
+        for path in (folder.local / UNIVERSAL_DIR).iterdir():
+            if lost(path.name):
                 shutil.rmtree(path, ignore_errors=True)
 
 
@@ -449,24 +469,24 @@ def _save_and_report(engine: Any, parts: JobParts, ctx: RunContext, state: dict[
                          checkpoint=Checkpoint.from_directory(tmp), checkpoint_dir_name=tag)  # fmt: skip
 
 
-def _kill_once(run_dir: Path, step: int, checkpoint_every: int) -> None:
+def _kill_once(folder: RunFolder, step: int, checkpoint_every: int) -> None:
     """Fault injection: SIGKILL this process the first time step `kill_at_step` is reached in this
     run, once Ray Train has registered the last checkpoint before it. Ray Train V2's controller
     registers a reported checkpoint when it next polls the workers: a worker that dies before
-    that loses it (the run then resumes from an earlier one), a race the tests must not depend on."""
-    marker = run_dir / f"fault_injected_step{step}"
-    if marker.exists():
+    that loses it (the run then resumes from an earlier one), a race the tests must not depend on.
+    The marker and Ray's snapshot are read in the run folder's store (the restarted rank may be on
+    another node)."""
+    marker = f"fault_injected_step{step}"
+    if folder.exists(marker):
         return
     last = step - step % checkpoint_every
     if last > 0:
-        snapshot = run_dir / "checkpoint_manager_snapshot.json"
         deadline = time.monotonic() + 60
-        while time.monotonic() < deadline and not (
-            snapshot.is_file() and f"step{last:08d}" in snapshot.read_text()
+        while time.monotonic() < deadline and f"step{last:08d}" not in (
+            folder.read_text("checkpoint_manager_snapshot.json") or ""
         ):
             time.sleep(0.1)
-    marker.parent.mkdir(parents=True, exist_ok=True)
-    marker.write_text(str(os.getpid()))
+    folder.write_text(marker, str(os.getpid()))
     logger.warning("fault injection: SIGKILL rank process %d at step %d", os.getpid(), step)
     os.kill(os.getpid(), signal.SIGKILL)
 
@@ -484,7 +504,7 @@ def _open_tracker(spec: WorkerSpec[Any, Any], ctx: RunContext) -> Any:
     name = job_run_name(job=spec.job.name, corpus=spec.config.corpus, folder=ctx.run_name, params=params,
                         input_digests=[d.digest for d in spec.input_datasets])  # fmt: skip
     tracker = RunTracker(
-        run_dir=ctx.run_dir, run_name=name, tracking_uri=ctx.tracking_uri, tags=tags
+        run_dir=ctx.folder, run_name=name, tracking_uri=ctx.tracking_uri, tags=tags
     )
     tracker.log_params(params)
     for ds in spec.input_datasets:
@@ -513,6 +533,10 @@ def _finish(
             )
             for path in artifacts:
                 tracker.log_artifact(path, "plots")
+            # the run folder in the store holds what the run made, like a local one
+            for name in ("export", METRICS_LOG, *(Path(p).name for p in artifacts)):
+                if (ctx.run_dir / name).exists():
+                    ctx.folder.push(name)
             _register(spec, ctx, tracker, out)
     if tracker:
         tracker.close()
@@ -521,13 +545,13 @@ def _finish(
 def _register(spec: WorkerSpec[Any, Any], ctx: RunContext, tracker: Any, out: Path) -> None:
     from jobs.export import ModelExportDeferred, log_seed_model
 
-    record = ctx.run_dir / "registered_model.json"
+    record = REGISTERED_FILE
     try:
         info = log_seed_model(tracker, out, kind=spec.job.export_kind, registered_name=spec.config.register_as,
                               input_datasets=[d.as_kwargs() for d in spec.input_datasets])  # fmt: skip
     except ModelExportDeferred as deferred:
         # The model is trained and saved: a tracking outage must not fail (and so re-run) the job.
         logger.error("%s", deferred)
-        record.write_text(json.dumps({"deferred": str(deferred)}))
+        ctx.folder.write_text(record, json.dumps({"deferred": str(deferred)}))
         return
-    record.write_text(json.dumps({"uri": info.model_uri, "digest": info.digest}))
+    ctx.folder.write_text(record, json.dumps({"uri": info.model_uri, "digest": info.digest}))

@@ -223,6 +223,12 @@ class Catalog:
             else f"{self.root_uri.split('://')[0]}://{path}"
         )
 
+    def location(self, path: str) -> str:
+        """A path inside the catalog as readers outside this object take it (pyarrow's and Ray
+        Data's readers, a worker on another node): the path on a local root, the store URI
+        (`s3://bucket/...`) on an object-store root."""
+        return path if isinstance(self.fs, pafs.LocalFileSystem) else self.uri(path)
+
     # ---- files ---------------------------------------------------------------------------
     def exists(self, path: str) -> bool:
         return self.fs.get_file_info(path).type != pafs.FileType.NotFound

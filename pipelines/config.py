@@ -243,7 +243,26 @@ def parse_command(cls: type[T], argv: Sequence[str] | None, *, prog: str, descri
         values = getattr(args, positional)
         flags.append(f"{positional}=[{','.join(_quote(v) for v in values)}]")
     path = find_config(args.config, config_dirs) if args.config else None
-    return load_config(cls, path, flags + overrides + list(args.overrides))
+    config = load_config(cls, path, flags + overrides + list(args.overrides))
+    check_tracking_store(config)
+    return config
+
+
+def check_tracking_store(config: Any) -> None:
+    """Before any work: a command on an object-store root needs a tracking server (the embedded
+    SQLite store lives beside a local root). Commands that track nothing themselves (`submit`:
+    the job tracks, on the cluster, with the cluster's environment) set `tracks_runs = False`."""
+    import os
+
+    from pipelines.storage import is_remote
+
+    root = getattr(config, "root", None)
+    if not getattr(config, "tracks_runs", True) or not root or not is_remote(str(root)):
+        return
+    if not os.environ.get("MLFLOW_TRACKING_URI"):
+        from pipelines.tracking.store import remote_root_needs_server
+
+        raise ConfigError(remote_root_needs_server(str(root)))
 
 
 def _is_key(word: str) -> bool:

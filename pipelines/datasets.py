@@ -64,7 +64,10 @@ def committed_dataset(catalog: Catalog, directory: str, what: str, context: str 
     """(files, lineage) of a committed dataset; a clear error naming `what` when it is empty."""
     if not catalog.committed(directory):
         raise ValueError(f"no committed {what} shards in {directory}")
-    return catalog.committed_files(directory), dataset_ref(catalog, directory, context)
+    # as locations (store URIs on an object-store root): pyarrow, Ray Data and the workers open
+    # them without the catalog's filesystem object
+    files = [catalog.location(f) for f in catalog.committed_files(directory)]
+    return files, dataset_ref(catalog, directory, context)
 
 
 def list_datasets(catalog: Catalog, corpus: str, stage: str) -> list[str]:

@@ -15,7 +15,18 @@ Design choices (a URL list is untrusted input):
   then connect to exactly the addresses checked, on every redirect hop, refusing with
   `BlockedAddressError("blocked address: ...")`. It also drops urllib's ftp:// and file://
   handlers.
-- IPv4-mapped IPv6 addresses are judged as the IPv4 address they carry; IPv6 zone ids are dropped.
+- IPv6 forms that carry an IPv4 address are judged by it (`embedded_ipv4`), since Python's
+  `ipaddress` calls e.g. 6to4 of 127.0.0.1 global: IPv4-mapped (::ffff:0:0/96), 6to4
+  (2002::/16), NAT64 (64:ff9b::/96, last 32 bits), Teredo (2001::/32: server and de-obfuscated
+  client), and the deprecated IPv4-compatible (::/96) and IPv4-translated (::ffff:0:0:0/96). If
+  any carried IPv4 is refused the IPv6 address is, naming it. For the NAT64 local-use prefix
+  64:ff9b:1::/48 (RFC 8215) the operator picks the prefix length, which a URL list cannot tell
+  us, so every RFC 6052 layout it allows (/48, /56, /64, /96) is judged and all must pass: an
+  address carrying a public IPv4 only in its /96 layout (zeros elsewhere) is refused, its other
+  layouts carrying 0.0.0.x, unless `allow_private_hosts` (such addresses were refused as reserved
+  before). Translation forms are then allowed when what they carry is; the deprecated forms must
+  also pass as IPv6 addresses (they are reserved). 6rd and ISATAP embed an IPv4 at operator-chosen places and are
+  judged as plain IPv6. IPv6 zone ids are dropped.
 - Resolution goes through a `resolver` argument (default `socket.getaddrinfo`), so every decision
   can be made in tests with a fake and no network traffic.
 - The remaining gap: with an HTTP(S) proxy configured in the environment, the connect-time check
@@ -51,14 +62,59 @@ class BlockedAddressError(OSError):
     """A connection to a refused address (raised inside download workers, before connecting)."""
 
 
-def address_refusal(ip: str, *, allow_private_hosts: bool = False) -> str | None:
-    """Why an IP address must not be fetched from, or None. Metadata addresses are always refused."""
-    addr = ipaddress.ip_address(ip.split("%", 1)[0])  # drop an IPv6 zone id
-    if isinstance(addr, ipaddress.IPv6Address) and addr.ipv4_mapped is not None:
-        addr = addr.ipv4_mapped
+_NAT64_WELL_KNOWN = ipaddress.IPv6Network("64:ff9b::/96")
+_NAT64_LOCAL_USE = ipaddress.IPv6Network("64:ff9b:1::/48")
+_IPV4_COMPATIBLE = ipaddress.IPv6Network("::/96")
+_IPV4_TRANSLATED = ipaddress.IPv6Network("::ffff:0:0:0/96")
+_LOCAL_USE_LAYOUTS = (96, 64, 56, 48)
+"""RFC 6052 prefix lengths that fit in 64:ff9b:1::/48; /96 first, so a refusal names the usual one."""
+
+
+def _rfc6052_ipv4(addr: ipaddress.IPv6Address, prefix_len: int) -> ipaddress.IPv4Address:
+    """The IPv4 address in `addr` under an RFC 6052 prefix of `prefix_len` bits: the 32 bits after
+    the prefix, skipping bits 64-71 (the "u" octet, which RFC 6052 keeps out of every layout)."""
+    value = int(addr)
+    without_u = ((value >> 64) << 56) | (value & ((1 << 56) - 1))  # bits 0-63, 72-127
+    start = prefix_len if prefix_len <= 64 else prefix_len - 8
+    return ipaddress.IPv4Address(without_u >> (120 - start - 32) & 0xFFFFFFFF)
+
+
+def embedded_ipv4(
+    addr: ipaddress.IPv6Address,
+) -> tuple[list[tuple[str, ipaddress.IPv4Address]], bool]:
+    """The IPv4 addresses an IPv6 address carries, each with its form's name, and whether the
+    IPv6 address must still pass as itself.
+
+    A translation or tunnel form reaches what it carries, so only that is judged (the stdlib
+    calls NAT64 reserved and Teredo private whatever they carry); the deprecated compatible and
+    translated forms have no use today, so they must pass both ways.
+    """
+    last32 = ipaddress.IPv4Address(int(addr) & 0xFFFFFFFF)
+    if addr.ipv4_mapped is not None:
+        return [("IPv4-mapped", addr.ipv4_mapped)], False
+    if addr.sixtofour is not None:
+        return [("6to4", addr.sixtofour)], False
+    if addr.teredo is not None:
+        server, client = addr.teredo
+        return [("Teredo client", client), ("Teredo server", server)], False
+    if addr in _NAT64_WELL_KNOWN:
+        return [("NAT64", last32)], False
+    if addr in _NAT64_LOCAL_USE:
+        layouts = [(f"NAT64 local-use /{n}", _rfc6052_ipv4(addr, n)) for n in _LOCAL_USE_LAYOUTS]
+        return layouts, False
+    if addr in _IPV4_TRANSLATED:
+        return [("IPv4-translated", last32)], True
+    if addr in _IPV4_COMPATIBLE and int(addr) > 1:  # not :: or ::1, which are themselves
+        return [("IPv4-compatible", last32)], True
+    return [], True
+
+
+def _own_refusal(
+    addr: ipaddress.IPv4Address | ipaddress.IPv6Address, allow_private: bool
+) -> str | None:
     if str(addr) in METADATA_IPS:
         return f"cloud metadata address {addr}"
-    if allow_private_hosts:
+    if allow_private:
         return None
     for attr, label in (
         ("is_loopback", "loopback"),
@@ -71,6 +127,20 @@ def address_refusal(ip: str, *, allow_private_hosts: bool = False) -> str | None
         if getattr(addr, attr):
             return f"{label} address {addr}"
     return None if addr.is_global else f"non-global address {addr}"
+
+
+def address_refusal(ip: str, *, allow_private_hosts: bool = False) -> str | None:
+    """Why an IP address must not be fetched from, or None. Metadata addresses are always refused,
+    also when an IPv6 address carries one (`embedded_ipv4`)."""
+    addr = ipaddress.ip_address(ip.split("%", 1)[0])  # drop an IPv6 zone id
+    if isinstance(addr, ipaddress.IPv6Address):
+        carried, judge_itself = embedded_ipv4(addr)
+        for form, ipv4 in carried:
+            if cause := _own_refusal(ipv4, allow_private_hosts):
+                return f"{cause} embedded in {addr} ({form})"
+        if not judge_itself:
+            return None
+    return _own_refusal(addr, allow_private_hosts)
 
 
 def literal_ip(host: str) -> str | None:

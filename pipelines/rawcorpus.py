@@ -1,4 +1,4 @@
-"""The raw corpus on disk, `<root>/corpora/<corpus>/raw/`: shards, manifest, per-sample outcomes.
+"""The raw corpus, `<root>/corpora/<corpus>/raw/`: shards, manifest, per-sample outcomes.
 
     NNNNN.tar, NNNNN.parquet, NNNNN_stats.json   one img2dataset webdataset shard (images, one
                                                  row per sample with its status, its stats)
@@ -6,7 +6,7 @@
     manifest.json                                sources (URL lists, retries), shards, digest
     _sources/<list sha256[:16]>.parquet          every row ever submitted from a list (retries)
     _failed/                                     files of shards that could not be committed
-    _staging/                                    img2dataset's output folder during a run
+    _staging/                                    only a killed run of an older seedpipe left this
 
 Design choices:
 - A shard is committed only when its tar and parquet agree (`inspect_shard`); its digest hashes
@@ -27,14 +27,16 @@ Design choices:
   noai/noindex, which img2dataset honours), `other_error:<short message>`. Only transient causes
   are retryable (timeout, 5xx, 408/425/429, connection errors); 404, other 4xx, redirect loops,
   too large, not an image, truncated and bombs are permanent.
-- The checks read the staging folder through the local filesystem, so the root must be a local
-  path (a shared filesystem mount on a cluster).
+- Every read and write of `raw/` goes through the catalog's filesystem (`Catalog.fs`: a local
+  path or an object store). img2dataset's output is staged on this node's scratch
+  (`pipelines.rawcommit`) and only a checked shard's files reach `raw/` (`put_staged`).
 """
 
 from __future__ import annotations
 
 import json
 import re
+import shutil
 import tarfile
 from collections import Counter
 from collections.abc import Iterable
@@ -43,9 +45,11 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from pipelines.catalog import DONE_SUFFIX, Catalog, dataset_digest, sha256_text
+from pipelines.storage import upload
 
 ENCODE_FORMAT = "jpg"
 MANIFEST = "manifest.json"
@@ -118,7 +122,8 @@ def sample_outcomes(
         if f"{sid}.parquet" not in records[sid].files:
             continue  # a shard made without img2dataset (tests' fixtures): no per-sample rows
         try:
-            t = pq.read_table(f"{raw}/{sid}.parquet", columns=["uid", "status", "error_message"])
+            t = pq.read_table(f"{raw}/{sid}.parquet", columns=["uid", "status", "error_message"],
+                              filesystem=catalog.fs)  # fmt: skip
         except Exception as err:  # noqa: BLE001 - unreadable for whatever reason: the same loss
             if lost is None:
                 raise
@@ -243,12 +248,27 @@ def inspect_shard(directory: str, shard: str) -> ShardInfo:
     )
 
 
-def quarantine_shard(catalog: Catalog, out_dir: str, raw: str, sid: str) -> None:
-    """Move what exists of a failed shard to raw/_failed/ for inspection (never read as data)."""
+def put_staged(catalog: Catalog, local: Path, path: str, *, keep: bool = False) -> None:
+    """Put a node-local staged file at `path` on the catalog's filesystem: a rename on a local root
+    (a copy across devices), one whole-object put on an object store. The local file is removed
+    unless `keep`. The caller commits what it put (a completion record), so a file half-copied
+    by a killed run is never read, and the next run sweeps it."""
+    if isinstance(catalog.fs, pafs.LocalFileSystem):
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        (shutil.copyfile if keep else shutil.move)(local, path)
+    else:
+        upload(local, catalog.fs, path)
+        if not keep:
+            local.unlink()
+
+
+def quarantine_shard(catalog: Catalog, staged: Path, raw: str, sid: str) -> None:
+    """Put what exists of a failed staged shard in raw/_failed/ for inspection (never read as
+    data); its stats file stays staged (img2dataset's logger reads it)."""
     for name in (f"{sid}.tar", f"{sid}.parquet", f"{sid}_stats.json"):
-        if catalog.exists(f"{out_dir}/{name}"):
-            catalog.fs.create_dir(f"{raw}/{FAILED}", recursive=True)
-            catalog.fs.move(f"{out_dir}/{name}", f"{raw}/{FAILED}/{name}")
+        if (staged / name).is_file():
+            put_staged(catalog, staged / name, f"{raw}/{FAILED}/{name}",
+                       keep=name.endswith("_stats.json"))  # fmt: skip
 
 
 def _shard_id_of(name: str) -> str | None:
@@ -257,7 +277,8 @@ def _shard_id_of(name: str) -> str | None:
 
 
 def sweep_leftovers(catalog: Catalog, raw: str) -> None:
-    """Delete what a killed run left: staging, tmp files, data files of uncommitted shards."""
+    """Delete what a killed run left: tmp files, data files of uncommitted shards (and the
+    `_staging/` folder of an older seedpipe, which staged inside the root)."""
     fs = catalog.fs
     staging = f"{raw}/{STAGING}"
     if catalog.exists(staging):

@@ -27,7 +27,7 @@ import logging
 import math
 import time
 from collections import deque
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from itertools import islice
 from pathlib import Path
 from typing import Any
@@ -84,6 +84,8 @@ class Outbox:
         self.path = run_dir / FALLBACK_FILE
         self.rejected_path = run_dir / REJECTED_FILE
         self.run_id = read_run_id(run_dir)
+        self.on_created: Callable[[], None] | None = None
+        """Called once a queued create got its run id (the tracker copies it to the store)."""
         self.queue: deque[str] = deque()
         self.unpersisted = 0
         self.dirty = False
@@ -188,6 +190,8 @@ class Outbox:
         )  # fmt: skip
         write_atomic(self.run_dir / RUN_ID_FILE, run_id + "\n")
         self.run_id = run_id
+        if self.on_created is not None:
+            self.on_created()
 
     def _send(self, ops: Sequence[dict[str, Any]]) -> None:
         c, kind = self.client, ops[0]["op"]

@@ -17,16 +17,16 @@ returns, a job launch before it starts the trainer. `--dry-run` does not sync: i
 write nothing, and syncing rewrites the queues and the store. `python -m pipelines.tracking sync
 ROOT` does it by hand.
 
-A root on an object store (no local folder) keeps its stage runs under the user's cache:
-`~/.cache/seedpipe/stage-runs/<hash of the root URI>/`.
+On an object-store root the run folders are in the store (`<root>/runs/stages/...`) like every
+other run folder: `config.json` and `stage_run.json` are written there; the tracker works in the
+folder's node-local mirror (`pipelines.storage.RunFolder`), where the queue of undelivered ops
+stays, and `sync_pending` delivers the queues that this node's mirrors hold.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
-import os
 import re
 import time
 import uuid
@@ -37,6 +37,7 @@ from pathlib import Path
 from typing import Any
 
 from pipelines.catalog import Catalog
+from pipelines.storage import RunFolder, is_remote, join_uri, mirror_parent
 from pipelines.tracking import store
 from pipelines.tracking.fields import code_version
 from pipelines.tracking.outbox import Outbox
@@ -45,7 +46,6 @@ from pipelines.tracking.rundir import (
     RunDirBusy,
     RunDirLock,
     read_state,
-    write_atomic,
 )
 from pipelines.tracking.tracker import RunTracker
 
@@ -59,13 +59,16 @@ CLOSE_WAIT_S = 2.0
 """How long a finished stage waits for MLflow before leaving its ops to the next sync."""
 
 
+def stage_runs_uri(catalog: Catalog) -> str:
+    """Where a root's stage run folders live: `<root>/runs/stages` (a path or a store URI)."""
+    return join_uri(catalog.root_uri if is_remote(catalog.root_uri) else catalog.base,
+                    "runs", "stages")  # fmt: skip
+
+
 def stage_runs_dir(catalog: Catalog) -> Path:
-    """Where a root's stage run folders live (see the module docstring)."""
-    if catalog.fs.type_name == "local":
-        return Path(catalog.base, "runs", "stages")
-    cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
-    key = hashlib.sha256(catalog.root_uri.encode()).hexdigest()[:16]
-    return cache / "seedpipe" / "stage-runs" / key
+    """The local folder of a root's stage runs: the folder itself on a local root, this node's
+    mirrors of them on an object store (see the module docstring)."""
+    return mirror_parent(stage_runs_uri(catalog))
 
 
 def _now() -> str:
@@ -77,6 +80,7 @@ class StageRun:
 
     def __init__(self, tracker: RunTracker, record: dict[str, Any]) -> None:
         self.tracker = tracker
+        self.folder = tracker.folder
         self.run_dir = tracker.run_dir
         self.record = record
         self._write_record()
@@ -123,7 +127,7 @@ class StageRun:
 
     def _write_record(self) -> None:
         text = json.dumps(self.record | {"run_id": self.run_id}, indent=1, default=str)
-        write_atomic(self.run_dir / RECORD_FILE, text)
+        self.folder.write_text(RECORD_FILE, text)
 
 
 @contextmanager
@@ -134,14 +138,15 @@ def stage_run(catalog: Catalog, *, stage: str, corpus: str, config: Mapping[str,
     sync_pending(catalog)
     stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
     folder = "-".join(re.sub(r"[^A-Za-z0-9_.]+", "_", part) for part in (stage, corpus))
-    run_dir = stage_runs_dir(catalog) / f"{folder}-{stamp}-{uuid.uuid4().hex[:6]}"
-    run_dir.mkdir(parents=True)
+    run_folder = RunFolder(
+        join_uri(stage_runs_uri(catalog), f"{folder}-{stamp}-{uuid.uuid4().hex[:6]}")
+    )
     resolved = json.loads(json.dumps(dict(config), default=str))
-    write_atomic(run_dir / CONFIG_FILE, json.dumps(resolved, indent=1, sort_keys=True))
+    run_folder.write_text(CONFIG_FILE, json.dumps(resolved, indent=1, sort_keys=True))
     uri = store.tracking_uri(catalog)
     tags = {"stage": stage, "corpus": corpus, "code_version": code_version(),
-            "root": catalog.root_uri, "run_dir": str(run_dir)}  # fmt: skip
-    tracker = RunTracker(run_dir=run_dir, run_name=run_name or f"{stage}:{corpus}", tags=tags,
+            "root": catalog.root_uri, "run_dir": run_folder.uri}  # fmt: skip
+    tracker = RunTracker(run_dir=run_folder, run_name=run_name or f"{stage}:{corpus}", tags=tags,
                          experiment=store.EXPERIMENT, tracking_uri=uri, create_timeout_s=0,
                          defer_create=True)  # fmt: skip
     record = {"stage": stage, "corpus": corpus, "root": catalog.root_uri, "tracking_uri": uri,
@@ -215,7 +220,9 @@ def _note_synced(run_dir: Path, *, run_id: str | None, uri: str) -> None:
             "synced_to": uri,
             "synced": _now(),
         }
-        write_atomic(path, json.dumps(record, indent=1, default=str))
+        RunFolder.from_mirror(run_dir).write_text(
+            RECORD_FILE, json.dumps(record, indent=1, default=str)
+        )
 
 
 def pending_stage_runs(root: Catalog | str | Path) -> list[Path]:

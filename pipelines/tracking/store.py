@@ -37,6 +37,8 @@ from mlflow.environment_variables import (
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
+from pipelines.storage import is_remote
+
 logger = logging.getLogger(__name__)
 
 EXPERIMENT = "seedpipe"
@@ -55,14 +57,21 @@ def tracking_uri(catalog: Any) -> str:
     uri = os.environ.get("MLFLOW_TRACKING_URI")
     if uri and uri not in _EMBEDDED_URIS:
         return uri
-    if "://" in catalog.root_uri and not catalog.root_uri.startswith("file://"):
-        raise ValueError(
-            f"root {catalog.root_uri} is not a local path: set MLFLOW_TRACKING_URI to a tracking server"
-        )
+    if is_remote(catalog.root_uri):
+        raise ValueError(remote_root_needs_server(catalog.root_uri))
     Path(catalog.base).mkdir(parents=True, exist_ok=True)
     embedded = f"sqlite:///{catalog.base}/mlflow.db"
     _EMBEDDED_URIS.add(embedded)
     return embedded
+
+
+def remote_root_needs_server(root: str) -> str:
+    """Why an object-store root without MLFLOW_TRACKING_URI cannot run, and what to set."""
+    return (
+        f"root {root} is on an object store, where the embedded SQLite MLflow store cannot live: "
+        "set MLFLOW_TRACKING_URI to a tracking server (e.g. http://mlflow:5000; its artifacts may "
+        "be in the same bucket, with MLFLOW_S3_ENDPOINT_URL for an S3-compatible store)"
+    )
 
 
 def artifact_location(uri: str) -> str | None:

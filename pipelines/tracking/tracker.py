@@ -44,6 +44,7 @@ from tenacity import (
     wait_exponential,
 )
 
+from pipelines.storage import RunFolder
 from pipelines.tracking.backoff import OutageBackoff
 from pipelines.tracking.fields import (
     MAX_TAG_VALUE,
@@ -57,6 +58,7 @@ from pipelines.tracking.fields import (
 from pipelines.tracking.outbox import Outbox, batch_ops, last_steps
 from pipelines.tracking.rundir import (
     RUN_ID_FILE,
+    STATE_FILE,
     RunDirLock,
     read_state,
     write_atomic,
@@ -89,8 +91,15 @@ class RunTracker:
                  tracking_uri: str | None = None, tags: Mapping[str, str] | None = None,
                  retry_interval_s: float = 5.0, create_timeout_s: float = 60.0,
                  defer_create: bool = False) -> None:  # fmt: skip
-        self.run_dir = Path(run_dir)
-        self.run_dir.mkdir(parents=True, exist_ok=True)
+        # On an object-store root the folder's files live in the store and this process works in
+        # its node-local mirror: the run id and state come from the store (a rank 0 restarted on
+        # another node resumes the same run) and go back to it when they change; the delivery
+        # queue and the lock stay on this node.
+        self.folder = run_dir if isinstance(run_dir, RunFolder) else RunFolder(run_dir)
+        self.run_dir = self.folder.local
+        if self.folder.remote:
+            for name in (RUN_ID_FILE, STATE_FILE):
+                self.folder.pull(name)
         self.run_name = run_name
         self.tracking_uri = tracking_uri or mlflow.get_tracking_uri()
         self.client = mlflow_client(self.tracking_uri)
@@ -100,6 +109,7 @@ class RunTracker:
         self._closed = False
         try:
             self._outbox = Outbox(self.client, self.run_dir, tracking_uri=self.tracking_uri)
+            self._outbox.on_created = self._push_identity
             self._backoff = OutageBackoff(
                 retry_interval_s, uri=self.tracking_uri, queue_path=self._outbox.path
             )
@@ -177,6 +187,20 @@ class RunTracker:
         write_atomic(self.run_dir / RUN_ID_FILE, run_id + "\n")
         self._outbox.run_id = run_id
         self._save_local_state()
+        self._push_identity()
+
+    def _push_identity(self) -> None:
+        """The run id and state to the run folder on the root's store (nothing on a local root).
+        A store that refuses is logged: the run goes on, and the next push or close retries."""
+        if not self.folder.remote:
+            return
+        try:
+            for name in (RUN_ID_FILE, STATE_FILE):
+                if (self.run_dir / name).is_file():
+                    self.folder.push(name)
+        except OSError as exc:
+            logger.warning("cannot copy the MLflow run id of %s to %s: %s", self.run_dir,
+                           self.folder.uri, exc)  # fmt: skip
 
     def _create_run(self, create: Mapping[str, Any], timeout_s: float) -> str:
         retrying = Retrying(
@@ -339,6 +363,7 @@ class RunTracker:
             delivered = self.flush(timeout_s)
             self._outbox.persist()
             self._save_local_state()
+            self._push_identity()
             self._closed = True
             self._dir_lock.release()
         if not delivered:

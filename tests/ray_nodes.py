@@ -1,0 +1,322 @@
+"""A Ray cluster of several nodes on this one machine, for tests: a head and named worker nodes.
+
+    with RayNodes(tmp_path, nodes={"node_a": 1, "node_b": 1}) as cluster:
+        cluster.address          # "127.0.0.1:PORT", for `--address` / ray.init
+        cluster.node_id("node_a")
+        cluster.kill_node("node_b"); cluster.restart_node("node_b")
+
+Every node is a `ray start --block` process in its own session (process group), bound to
+127.0.0.1, with `RAY_AUTH_MODE=disabled`. Worker nodes carry a custom resource named after them
+(`{"node_a": 1}`) so a test can tell them apart and target them. They start one after the other:
+two `ray start --address` at the same moment on 2 cores timed out (PITFALLS.md).
+
+Why a node is killed by more than its process group: the raylet starts its worker processes in
+sessions of their own, so `killpg` misses them (tests/process_tree.py saw the same). They inherit
+the raylet's environment, which carries a marker naming this cluster and node; a kill takes the
+group, every process with the marker and every descendant of both. `ray stop` is never used: it
+stops every Ray on the machine, other tests' and other sessions' too.
+"""
+
+from __future__ import annotations
+
+import atexit
+import contextlib
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import textwrap
+import time
+import uuid
+from collections.abc import Callable
+from pathlib import Path
+from types import TracebackType
+
+import psutil
+
+MARKER = "SEEDPIPE_TEST_RAY_NODE"
+"""Environment variable on every process of a node: `<cluster tag>/<node name>`."""
+HEAD = "head"
+
+# Run in a fresh interpreter (the test process stays unconnected, so a session-wide local Ray in
+# it is untouched): waits until every wanted node is alive in the GCS, prints {name: node id}.
+_WAIT_NODES = textwrap.dedent("""
+    import json, sys, time
+    import ray
+    address, names, timeout = sys.argv[1], json.loads(sys.argv[2]), float(sys.argv[3])
+    skip = set(json.loads(sys.argv[4]))  # a restarted node's old id: the GCS may not know it died
+    ray.init(address=address, log_to_driver=False, logging_level="ERROR")
+    deadline = time.monotonic() + timeout
+    while True:
+        alive = [n for n in ray.nodes() if n["Alive"] and n["NodeID"] not in skip]
+        found = {}
+        for node in alive:
+            res = node["Resources"]
+            for name in names:
+                if (name == "head" and "node:__internal_head__" in res) or name in res:
+                    found[name] = node["NodeID"]
+        if set(found) == set(names) or time.monotonic() > deadline:
+            break
+        time.sleep(0.5)
+    print("NODES " + json.dumps(found), flush=True)
+""")
+
+
+def free_port() -> int:
+    """A port free on 127.0.0.1 now (the OS's pick; another process could take it before Ray
+    binds it, which start-up reports)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def tail(path: Path, lines: int = 30) -> str:
+    try:
+        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
+    except OSError:
+        return "(no log)"
+
+
+class RayNodes:
+    """A head and named worker nodes started with `ray start`; see the module docstring."""
+
+    def __init__(
+        self,
+        workdir: Path,
+        *,
+        nodes: dict[str, int] | None = None,
+        head_cpus: int = 0,
+        dashboard: bool = False,
+        object_store_mb: int = 200,
+        start_timeout_s: float = 120.0,
+    ) -> None:
+        """`nodes`: worker node name -> its CPUs. `head_cpus=0` by default: the head takes no
+        task or actor that asks for a CPU, so training workers land on the named nodes only.
+        `dashboard`: start the head's dashboard (the state API, and the job server that
+        `seedpipe submit` needs) on 127.0.0.1 at a free port; off, the head starts faster."""
+        self.workdir = Path(workdir)
+        self.nodes = dict(nodes if nodes is not None else {"node_a": 1, "node_b": 1})
+        assert HEAD not in self.nodes, "the head is always there, named 'head'"
+        self.head_cpus, self.dashboard, self.start_timeout_s = (
+            head_cpus,
+            dashboard,
+            start_timeout_s,
+        )
+        self.object_store_bytes = object_store_mb << 20
+        # Ray's unix sockets live under the temp dir: keep its path short (108-byte limit).
+        self.temp_dir = Path(tempfile.mkdtemp(prefix="rn", dir="/tmp"))
+        self.tag = f"{self.temp_dir.name}-{uuid.uuid4().hex[:6]}"
+        self.port = free_port()
+        self.dashboard_port = free_port() if dashboard else 0
+        self._procs: dict[str, subprocess.Popen[bytes]] = {}
+        self._ids: dict[str, str] = {}
+        self._stopped = False
+        atexit.register(
+            self.stop
+        )  # pytest-timeout's signal method runs fixture teardown; this is a belt
+
+    # ---- addresses ----
+
+    @property
+    def address(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    @property
+    def dashboard_url(self) -> str:
+        assert self.dashboard, "started without dashboard=True"
+        return f"http://127.0.0.1:{self.dashboard_port}"
+
+    def env(self, name: str = HEAD) -> dict[str, str]:
+        """The environment every process of node `name` gets (tests use it for their drivers
+        too): auth off on loopback, no usage stats, the venv's bin first on PATH (a job's
+        `python -m ...` entrypoint runs the first python on the head's PATH, PITFALLS.md)."""
+        env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", MARKER)}
+        env |= {
+            "RAY_AUTH_MODE": "disabled",
+            "RAY_USAGE_STATS_ENABLED": "0",
+            "PATH": f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}",
+            MARKER: f"{self.tag}/{name}",
+        }
+        return env
+
+    # ---- life cycle ----
+
+    def start(self) -> RayNodes:
+        """Start the head, then each worker node in turn, then wait until the GCS shows all of
+        them alive; on any failure stop what was started and raise with the logs' tail."""
+        try:
+            for name in [HEAD, *self.nodes]:
+                self._start_node(name)
+                self._wait_alive([name])
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def node_id(self, name: str) -> str:
+        """The GCS node id (hex) of node `name` as last started ('head' for the head)."""
+        return self._ids[name]
+
+    def kill_node(self, name: str, timeout_s: float = 30.0) -> None:
+        """SIGKILL every process of node `name` (its `ray start`, raylet, agents and the workers
+        the raylet started) and wait until they are gone. The GCS notices the node's death
+        later (its health check); the id stays in `node_id` until a restart."""
+        proc = self._procs.pop(name, None)
+        victims = self._node_processes(name, proc)
+        if proc is not None:
+            with _gone():
+                os.killpg(proc.pid, signal.SIGKILL)
+        for p in victims:
+            with _gone():
+                p.kill()
+        psutil.wait_procs(victims, timeout=timeout_s)
+        if proc is not None:
+            proc.wait(timeout=timeout_s)
+
+    def restart_node(self, name: str) -> str:
+        """Kill node `name` if it runs, start it again with the same resources, wait until a new
+        node of that name is alive; returns its (new) node id."""
+        assert name in self.nodes, f"only worker nodes restart, not {name!r}"
+        self.kill_node(name)
+        old = self._ids.pop(name, None)
+        self._start_node(name)
+        self._wait_alive([name], not_ids=frozenset({old} if old else ()))
+        return self._ids[name]
+
+    def stop(self) -> None:
+        """Kill every node (workers first) and anything else carrying this cluster's marker;
+        remove the temp dir. Safe to call twice, and after a failed start."""
+        if self._stopped:
+            return
+        self._stopped = True
+        try:
+            for name in [n for n in self._procs if n != HEAD] + [HEAD]:
+                if name in self._procs:
+                    self.kill_node(name)
+            stray = _marked(lambda value: value.startswith(f"{self.tag}/"))
+            for p in stray:
+                with _gone():
+                    p.kill()
+            psutil.wait_procs(stray, timeout=30)
+        finally:
+            shutil.rmtree(self.temp_dir, ignore_errors=True)
+            atexit.unregister(self.stop)
+
+    def __enter__(self) -> RayNodes:
+        return self.start()
+
+    def __exit__(
+        self, kind: type[BaseException] | None, err: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.stop()
+
+    # ---- internals ----
+
+    def log(self, name: str) -> Path:
+        return self.workdir / f"ray-{name}.log"
+
+    def _start_node(self, name: str) -> None:
+        common = ["--block", "--node-ip-address", "127.0.0.1", "--num-gpus", "0",
+                  "--object-store-memory", str(self.object_store_bytes),
+                  # random worker and agent ports: nodes on one host must not collide
+                  "--min-worker-port", "0", "--max-worker-port", "0",
+                  "--dashboard-agent-listen-port", str(free_port()), "--disable-usage-stats"]  # fmt: skip
+        if name == HEAD:
+            cmd = ["--head", "--port", str(self.port), "--num-cpus", str(self.head_cpus),
+                   "--temp-dir", str(self.temp_dir), "--ray-client-server-port", str(free_port()),
+                   "--include-dashboard", str(self.dashboard).lower()]  # fmt: skip
+            if self.dashboard:
+                cmd += [
+                    "--dashboard-host",
+                    "127.0.0.1",
+                    "--dashboard-port",
+                    str(self.dashboard_port),
+                ]
+        else:
+            # --temp-dir is the head's only: the other nodes use the head's (PITFALLS.md)
+            cmd = ["--address", self.address, "--num-cpus", str(self.nodes[name]),
+                   "--resources", json.dumps({name: 1})]  # fmt: skip
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        with self.log(name).open("ab") as log:
+            self._procs[name] = subprocess.Popen(
+                [str(Path(sys.executable).parent / "ray"), "start", *cmd, *common],
+                env=self.env(name), stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                start_new_session=True,  # its own process group: killed as a whole
+            )  # fmt: skip
+
+    def _wait_alive(self, names: list[str], not_ids: frozenset[str] = frozenset()) -> None:
+        """Until every node of `names` is alive in the GCS (and is not one of `not_ids`: a
+        restarted node must be the new one); raise with the logs' tail after the timeout."""
+        deadline = time.monotonic() + self.start_timeout_s
+        while True:
+            for name in names:
+                proc = self._procs.get(name)
+                if proc is not None and proc.poll() is not None:
+                    raise RuntimeError(
+                        self._failure(f"`ray start` of {name} exited {proc.returncode}")
+                    )
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise RuntimeError(
+                    self._failure(f"nodes {names} not alive in {self.start_timeout_s:.0f} s")
+                )
+            try:
+                out = subprocess.run([sys.executable, "-c", _WAIT_NODES, self.address, json.dumps(names),
+                                      str(max(1.0, left - 10)), json.dumps(sorted(not_ids))], env=self.env("probe"), capture_output=True,
+                                     text=True, timeout=left + 5)  # fmt: skip
+            except subprocess.TimeoutExpired:
+                continue
+            if out.returncode != 0:  # the GCS is not up yet: ray.init failed
+                time.sleep(1)
+                continue
+            lines = [line for line in out.stdout.splitlines() if line.startswith("NODES ")]
+            found = json.loads(lines[-1][len("NODES ") :]) if lines else {}
+            if set(found) == set(names):
+                self._ids.update(found)
+                return
+            time.sleep(1)
+
+    def _failure(self, what: str) -> str:
+        logs = [f"--- {self.log(n)} ---\n{tail(self.log(n))}" for n in [HEAD, *self.nodes]]
+        session = self.temp_dir / "session_latest" / "logs"
+        logs += [f"--- {p} ---\n{tail(p, 15)}" for p in sorted(session.glob("raylet*.err"))]
+        return f"multi-node Ray: {what}\n" + "\n".join(logs)
+
+    def _node_processes(
+        self, name: str, proc: subprocess.Popen[bytes] | None
+    ) -> list[psutil.Process]:
+        """Node `name`'s processes: its session (the raylet's workers each lead a process group
+        of their own, but stay in the session), those with its marker, their descendants."""
+        found: dict[int, psutil.Process] = {}
+        roots = _marked(lambda value: value == f"{self.tag}/{name}")
+        if proc is not None:
+            for p in psutil.process_iter():
+                with _gone():
+                    if os.getsid(p.pid) == proc.pid:
+                        roots.append(p)
+        for p in roots:
+            found[p.pid] = p
+            with _gone():
+                found |= {c.pid: c for c in p.children(recursive=True)}
+        found.pop(os.getpid(), None)
+        return list(found.values())
+
+
+def _marked(match: Callable[[str], bool]) -> list[psutil.Process]:
+    """This user's processes whose MARKER environment value satisfies `match`."""
+    out = []
+    for p in psutil.process_iter():
+        with _gone():
+            value = p.environ().get(MARKER)
+            if value is not None and match(value):
+                out.append(p)
+    return out
+
+
+def _gone() -> contextlib.suppress:
+    """Ignore a process that vanished (or is not ours) while it is inspected or killed."""
+    return contextlib.suppress(psutil.Error, ProcessLookupError, PermissionError)
