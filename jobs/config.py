@@ -29,14 +29,34 @@ class ScalingSettings:
     cpus_per_worker: float = 1.0
     gpus_per_worker: float = 1.0
     """Used only with use_gpu."""
+    placement_strategy: str = "PACK"
+    """How Ray places the workers' bundles: PACK (Ray Train's default: on as few nodes as
+    possible), SPREAD (over as many nodes as possible, best effort) or STRICT_SPREAD (each on its
+    own node, or not at all)."""
+    schedule_timeout_s: float = 600.0
+    """How long each start of the worker group (the first and every restart) may wait for its
+    resources before the run fails with one line saying what it asked for and what the cluster
+    has (`jobs.scheduling.bounded_start`); 0 waits for ever, as Ray Train does by default."""
+    preflight: bool = True
+    """Before launching, fail at once if the cluster's nodes, as they are, cannot hold the
+    workers (`jobs.scheduling.preflight`). Turn off on an autoscaling cluster, whose nodes join
+    on demand (schedule_timeout_s still bounds the wait)."""
 
     def __post_init__(self) -> None:
         from jobs.elastic import worker_bounds
+        from jobs.scheduling import PLACEMENT_STRATEGIES
 
         low, high = worker_bounds(self.num_workers)
         self.num_workers = low if low == high else [low, high]
         if self.cpus_per_worker <= 0:
             raise ValueError(f"scaling.cpus_per_worker must be > 0, got {self.cpus_per_worker}")
+        if self.placement_strategy not in PLACEMENT_STRATEGIES:
+            raise ValueError(f"scaling.placement_strategy must be one of {', '.join(PLACEMENT_STRATEGIES)}, "
+                             f"got {self.placement_strategy!r}")  # fmt: skip
+        if self.schedule_timeout_s < 0:
+            raise ValueError(
+                f"scaling.schedule_timeout_s must be >= 0, got {self.schedule_timeout_s}"
+            )
 
 
 @dataclass(kw_only=True)

@@ -180,7 +180,7 @@ def resolve(config: EvaluateConfig) -> EvalInputs:
     features = config.features or default_feature_set(tokenizer, catalog, config.corpus)
     files, dataset = committed_dataset(catalog, catalog.stage_dir(config.corpus, "features", features),
                                        f"features ({features})", context="eval")  # fmt: skip
-    shapes = schema_shapes(pq.read_schema(catalog.fs.open_input_file(files[0])))
+    shapes = schema_shapes(pq.read_schema(files[0]))
     target = next(c for c in shapes if c.startswith("target_"))
     recorded = {"tokenizer": recorded_holdout(tokenizer, tokenizer.lineage, catalog),
                 "stage1": recorded_holdout(stage1, stage1.lineage, catalog)}  # fmt: skip
@@ -231,7 +231,7 @@ def evaluate(config: EvaluateConfig) -> dict[str, Any]:
         corpus=config.corpus,
         config=dataclasses.asdict(config) | resolved,
     ) as run:
-        rows = run_eval_rows(inputs.files, filesystem=catalog.fs, fraction=inputs.fraction, split=config.split,
+        rows = run_eval_rows(inputs.files, filesystem=None, fraction=inputs.fraction, split=config.split,
                              worker_kwargs=inputs.worker_kwargs, resources=config.resources)  # fmt: skip
         count = len(rows.get("key", ()))
         if count < 2:

@@ -39,6 +39,9 @@ def job_main(job: Job[Any, Any], argv: Sequence[str] | None, *, prog: str, descr
         print(cfg.to_yaml(config), end="", flush=True)
         print(f"{job.name}: dry run, nothing launched", flush=True)
         return 0
+    from jobs import scheduling
+
+    scheduling.preflight(config)  # before prepare's work: a job the cluster cannot hold fails now
     prepared = job.prepare(config)
     _print_plan(job, name, storage, prepared)
     import ray.train
@@ -63,16 +66,15 @@ def _print_plan(job: Job[Any, Any], name: str, storage: str, prepared: Prepared[
 
 def launch(job: Job[Any, Any], config: TrainJobConfig, prepared: Prepared[Any]) -> Any:
     """Run the job on Ray Train; returns the ray.train.Result."""
-    import ray
     from ray.data import ExecutionOptions
     from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
+    from jobs import scheduling
     from jobs.deepspeed_ops import configure_environment
     from jobs.trainer import global_batch
     from pipelines.catalog import Catalog
     from pipelines.cli_common import ensure_ray
-    from pipelines.datasets import drop_holdout
     from pipelines.tracking import code_version, sync_pending, tracking_uri
 
     name, storage = run_location(config, job.name)
@@ -88,11 +90,8 @@ def launch(job: Job[Any, Any], config: TrainJobConfig, prepared: Prepared[Any]) 
     ensure_ray(config.address)
     spec = WorkerSpec(job=job, config=config, inputs=prepared.inputs, context=context,
                       input_datasets=prepared.input_datasets)  # fmt: skip
-    dataset = ray.data.read_parquet(prepared.train_files)
-    if config.holdout > 0:
-        dataset = dataset.map_batches(
-            drop_holdout, batch_format="pyarrow", fn_kwargs={"fraction": config.holdout}
-        )
+    # zero-CPU read tasks: the workers may hold every CPU (jobs.scheduling.training_rows)
+    dataset = scheduling.training_rows(config, prepared.train_files)
     scaling = config.scaling
     trainer = TorchTrainer(
         train_loop_per_worker=_entry,
@@ -106,13 +105,16 @@ def launch(job: Job[Any, Any], config: TrainJobConfig, prepared: Prepared[Any]) 
             if isinstance(scaling.num_workers, list)
             else scaling.num_workers,
             use_gpu=scaling.use_gpu,
-            resources_per_worker={"CPU": scaling.cpus_per_worker}
-            | ({"GPU": scaling.gpus_per_worker} if scaling.use_gpu else {}),
+            resources_per_worker=scheduling.worker_bundle(scaling),
+            placement_strategy=scaling.placement_strategy,
         ),  # fmt: skip
         run_config=RunConfig(
             name=name,
             storage_path=storage,
-            failure_config=FailureConfig(max_failures=config.run.max_failures),
+            failure_config=FailureConfig(
+                max_failures=config.run.max_failures,
+                controller_failure_limit=scheduling.controller_failure_limit(scaling),
+            ),
             checkpoint_config=CheckpointConfig(num_to_keep=config.run.keep_checkpoints),
             worker_runtime_env={"env_vars": env},
         ),  # fmt: skip
@@ -129,7 +131,8 @@ def launch(job: Job[Any, Any], config: TrainJobConfig, prepared: Prepared[Any]) 
         f"global batch {global_batch(config)}, rows per rank: {config.run.rank_rows}",
         flush=True,
     )
-    result = trainer.fit()
+    with scheduling.bounded_start(scaling):  # no silent wait for the workers' resources
+        result = trainer.fit()
     from jobs.trainer import REGISTERED_FILE
 
     if registered := context.folder.read_text(REGISTERED_FILE):

@@ -3,8 +3,9 @@
     run_img2dataset(input_path, out_dir, first_id=..., config=...) -> wall seconds
 
 What ingest changes in img2dataset 1.47 for the call (its options have no hook for any of it):
-- its `Reader` is wrapped so shard ids start at `first_id` (ids continue the corpus: its extend
-  mode cannot parse the catalog's `NNNNN.done.json`, so it runs in `raw/_staging/`);
+- its `Reader` is wrapped so shard ids start at `first_id` (ids continue the corpus; it writes
+  into a fresh node-local staging folder, `pipelines.rawcommit`, where its extend mode sees no
+  shard; it could not parse the catalog's `NNNNN.done.json` anyway);
 - its `Resizer` is `pipelines.imagecheck.GuardedResizer`, pickled into every spawned download
   worker, where it installs the connection guard and the bounded fetch (`pipelines.fetch`: an
   overall per-URL deadline and a byte cap) before any URL of a shard is fetched;

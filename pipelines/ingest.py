@@ -13,9 +13,10 @@ One typed config, `IngestConfig` (defaults < --config YAML < --flags < key=value
 3. **Plan**: rows to download, rows refused by cause, shards expected; `dry_run` stops here and
    writes nothing.
 4. **Download** with img2dataset (`pipelines.download`; every URL bounded in time and bytes,
-   images checked before decoding: `pipelines.fetch`, `pipelines.imagecheck`) into
-   `raw/_staging/`, then move each verified shard into `raw/` and commit it
-   (`pipelines.rawcommit`), then `raw/manifest.json` (`pipelines.rawcorpus`).
+   images checked before decoding: `pipelines.fetch`, `pipelines.imagecheck`) into a staging
+   folder on this node's scratch; each shard, once img2dataset has finished it, is checked there,
+   put into `raw/` and committed (`pipelines.rawcommit`); then `raw/manifest.json`
+   (`pipelines.rawcorpus`).
 5. **Report**: failures per cause (`pipelines.rawcorpus.failure_cause`), a summary table; an
    MLflow run (`stage_run`) with the config, the URL list as input dataset and the raw corpus as
    output dataset, by content digest.
@@ -35,8 +36,17 @@ next run of its list is then no no-op: it downloads just that shard's rows again
 Design choices:
 - One ingest per corpus at a time (there is no lock). Call `run` from the main thread of a program
   with an `if __name__ == "__main__":` guard: img2dataset spawns its workers.
-- The root must be a local path (a shared filesystem mount on a cluster): the shard checks read
-  the staging folder through the local filesystem.
+- The root is a local path or an object-store URI (`s3://bucket/prefix`; endpoint and
+  credentials from the standard variables, `pipelines.storage`), with one code path for both:
+  img2dataset writes to a per-run folder on this node's scratch (`storage.scratch_dir("ingest")`),
+  the checks read the shards there, and only checked shards reach the catalog, a shard's files
+  first and its completion record last (a rename on a local root, one object put per file on a
+  store). Everything else (manifest, `_sources/`, `_failed/`, the checks of committed shards)
+  goes through the catalog's filesystem. Not img2dataset writing to the store through fsspec:
+  the checks would read every shard back, and a killed run would leave half-written objects in
+  the corpus. The staging folder is deleted when the run ends, whatever the outcome; it holds
+  only the shards in flight. The URL list may be a local file or an object-store URI (copied
+  into the staging folder to be read).
 - The public names of the modules above that ingest is built from are importable from here too.
 """
 
@@ -45,11 +55,14 @@ from __future__ import annotations
 import math
 import re
 import sys
+import tempfile
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
+
+import pyarrow.fs as pafs
 
 from pipelines.catalog import Catalog, sha256_text
 from pipelines.config import cli_main, parse_command
@@ -95,6 +108,7 @@ from pipelines.rawcorpus import (
     raw_state,
     read_manifest,
 )
+from pipelines.storage import download, filesystem, is_remote, scratch_dir
 from pipelines.urllists import (
     CAPTION_MAX_CHARS,
     CAPTION_NAMES,
@@ -138,6 +152,7 @@ class IngestResult:
 
     corpus: str
     raw_dir: str
+    """The corpus's raw folder: a path on a local root, a URI on an object store."""
     status: str
     """ingested | no-op | dry-run | nothing-downloadable"""
     message: str
@@ -180,7 +195,8 @@ class IngestConfig:
     corpus: str = ""
     """Corpus name (letters, digits, . _ -); the shards go to <root>/corpora/<corpus>/raw. Required."""
     url_list: str | None = None
-    """tsv, csv, parquet or jsonl (.gz allowed); optional with retry_failed."""
+    """tsv, csv, parquet or jsonl (.gz allowed): a local path or an object-store URI; optional with
+    retry_failed."""
     preset: str | None = None
     """Published layout of a header-less TSV: cc3m (caption, url) or cc12m (url, caption)."""
     url_col: str | None = None
@@ -188,7 +204,8 @@ class IngestConfig:
     caption_col: str | None = None
     """Caption column name (or 0-based index in a list without header)."""
     root: str = "./seed-data"
-    """Catalog root: a local path (a shared filesystem mount on a cluster)."""
+    """Catalog root: a local path or an object-store URI (s3://bucket/prefix); shared storage on a
+    cluster."""
     samples_per_shard: int = 10000
     """Rows per raw shard."""
     allow_private_hosts: bool = False
@@ -254,15 +271,18 @@ def run(config: IngestConfig, *, resolver: Resolver | None = None) -> IngestResu
     `resolver` (default `socket.getaddrinfo`) decides the planning-time address checks (tests pass
     a fake); the download workers always resolve for themselves.
     """
+    # This run's node-local staging (img2dataset's output, a copy of a remote URL list): deleted at
+    # the end whatever happens; its name is unique, so concurrent runs on one node never share it.
+    with tempfile.TemporaryDirectory(
+        prefix=f"{config.corpus}-", dir=scratch_dir("ingest"), ignore_cleanup_errors=True
+    ) as staging:
+        return _run(config, Path(staging), resolver)
+
+
+def _run(config: IngestConfig, staging: Path, resolver: Resolver | None) -> IngestResult:
     url_list = config.url_list
-    if url_list is not None and not Path(url_list).is_file():
-        raise ValueError(f"url_list {url_list} is not a file")
+    list_path = None if url_list is None else _readable_list(url_list, staging / "list")
     catalog = Catalog(config.root)
-    if "://" in catalog.root_uri and not catalog.root_uri.startswith("file://"):
-        raise ValueError(
-            f"root {catalog.root_uri}: ingest writes through the local filesystem; on a cluster use "
-            "a shared filesystem mount as root"
-        )
     corpus = config.corpus
     raw = catalog.raw_dir(corpus)
     manifest = read_manifest(catalog, raw)
@@ -276,8 +296,8 @@ def run(config: IngestConfig, *, resolver: Resolver | None = None) -> IngestResu
             f"corpus {corpus} was ingested with {manifest['settings']}; this run asks for {settings}: "
             "use another corpus name (or the same image_size)"
         )
-    result = IngestResult(corpus=corpus, raw_dir=raw, status="", message="")
-    list_digest = file_sha256(url_list) if url_list is not None else None
+    result = IngestResult(corpus=corpus, raw_dir=catalog.location(raw), status="", message="")
+    list_digest = file_sha256(list_path) if list_path is not None else None
     # A committed shard that fails its checks is lost: reported, set aside, its rows re-downloaded.
     state = raw_state(catalog, raw)
     result.lost_shards = dict(sorted(state.lost.items()))
@@ -293,7 +313,7 @@ def run(config: IngestConfig, *, resolver: Resolver | None = None) -> IngestResu
             return _finish_noop(result, f"{corpus}: nothing left to retry")
         source_digest = sha256_text("retry", *sorted(table.uid))
     else:
-        assert url_list is not None and list_digest is not None
+        assert url_list is not None and list_path is not None and list_digest is not None
         kind, origins, source_digest = "list", [], list_digest
         known = manifest["sources"].get(list_digest)
         lost_here = state.lost.keys() & set((known or {}).get("shards", []))
@@ -312,9 +332,11 @@ def run(config: IngestConfig, *, resolver: Resolver | None = None) -> IngestResu
                 + hint,
                 source_digest=list_digest,
             )
-        table = read_url_list(
-            url_list, preset=config.preset, url_col=config.url_col, caption_col=config.caption_col
-        )
+        try:
+            table = read_url_list(list_path, preset=config.preset, url_col=config.url_col,
+                                  caption_col=config.caption_col)  # fmt: skip
+        except ValueError as err:  # name the user's list, not its staged copy
+            raise ValueError(str(err).replace(list_path, url_list)) from None
     result.source_digest = source_digest
     result.rows_in = table.rows_in
 
@@ -355,7 +377,7 @@ def run(config: IngestConfig, *, resolver: Resolver | None = None) -> IngestResu
             mlrun.log_dataset(
                 name=f"{corpus}/url-list/{_safe(Path(url_list).name)}",
                 digest=list_digest or "",
-                uri=Path(url_list).resolve().as_uri(),
+                uri=url_list if is_remote(url_list) else Path(str(list_path)).as_uri(),
                 context="input",
                 rows=table.rows_in,
             )
@@ -364,7 +386,7 @@ def run(config: IngestConfig, *, resolver: Resolver | None = None) -> IngestResu
                 name=f"{corpus}/retry", digest=source_digest, uri=catalog.uri(raw), context="input"
             )
         download_and_commit(
-            catalog, raw, table, result, manifest,
+            catalog, raw, staging, table, result, manifest,
             kind=kind, origins=origins, settings=settings, config=config,
         )  # fmt: skip
         out_digest = catalog_digest(catalog, raw)
@@ -391,6 +413,19 @@ def run(config: IngestConfig, *, resolver: Resolver | None = None) -> IngestResu
         mlrun.log_dict(asdict(result), "ingest_result.json")
     _print_summary(result)
     return result
+
+
+def _readable_list(url_list: str, into: Path) -> str:
+    """A local path of the URL list: the list itself, or its copy in `into` when it is on an
+    object store (the readers and the digest read local files; the list is read whole anyway)."""
+    fs, path = filesystem(url_list)
+    if fs.get_file_info(path).type != pafs.FileType.File:
+        raise ValueError(f"url_list {url_list} is not a file")
+    if isinstance(fs, pafs.LocalFileSystem):
+        return path
+    local = into / path.rsplit("/", 1)[-1]  # the same name: the format comes from it
+    download(fs, path, local)
+    return str(local)
 
 
 def _safe(name: str) -> str:

@@ -1,7 +1,8 @@
 """What an ingest run will download: rows refused by address, rows done before, rows to retry.
 
 Every function here decides from the URL table and the raw corpus's state (`rawcorpus.RawState`:
-sound shards, lost shards, per-sample outcomes) and writes nothing.
+sound shards, lost shards, per-sample outcomes) and writes nothing; the catalog is read through
+its filesystem (`catalog.fs`: a local root or an object store).
 """
 
 from __future__ import annotations
@@ -72,7 +73,7 @@ def retry_table(
         path = f"{raw}/{SOURCES}/{digest[:16]}.parquet"
         if not catalog.exists(path):
             continue
-        rows = UrlTable.from_arrow(pq.read_table(path))
+        rows = UrlTable.from_arrow(pq.read_table(path, filesystem=catalog.fs))
         for i, uid in enumerate(rows.uid):
             if uid in state.success or uid in table:
                 continue

@@ -1,4 +1,19 @@
-"""Ingest's second half: img2dataset's staging output -> verified, committed raw shards + manifest.
+"""Ingest's second half: img2dataset's output, staged on this node's scratch -> checked, committed
+raw shards + manifest.
+
+How a shard reaches the catalog (one code path for a local root and an object store):
+- img2dataset writes into `staging`, a per-run folder on this node's scratch that `ingest.run`
+  creates and deletes (`pipelines.storage.scratch_dir`). Not straight to the store through
+  fsspec: the checks would then read every shard back from the store, and a killed run would
+  leave half-written objects under the corpus.
+- `ShardCommitter` commits each shard as soon as img2dataset has finished it (its stats file,
+  written after the tar and parquet are closed, is complete): the shard is checked locally
+  (`inspect_shard`), its files are put into `raw/` (`rawcorpus.put_staged`: a rename on a local
+  root, one object put per file on a store) and its completion record is written last. So the
+  scratch holds only the shards in flight (a whole CC12M download would not fit one node's disk),
+  and a killed run keeps every shard it committed: the next run of its list downloads the rest.
+- A record's sizes and sha256 are computed from the staged files (`Catalog.commit` would read
+  every tar back from the store); the stored sizes are checked before the record is written.
 
 A shard whose tar or parquet is missing, unreadable or inconsistent is not committed: every one
 of its samples counts `shard_failed` and its files go to `raw/_failed/`. A shard with no successful
@@ -7,9 +22,14 @@ sample is committed (its parquet keeps the per-sample errors) but also counts as
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import json
+import logging
 import math
+import threading
 from collections import Counter
+from collections.abc import Iterator
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -22,10 +42,10 @@ from pipelines.catalog import Catalog, DoneRecord
 from pipelines.download import run_img2dataset
 from pipelines.rawcorpus import (
     SOURCES,
-    STAGING,
     ShardError,
     inspect_shard,
     next_shard_id,
+    put_staged,
     quarantine_shard,
     shard_name,
     sweep_leftovers,
@@ -36,10 +56,15 @@ from pipelines.urllists import UrlTable
 if TYPE_CHECKING:
     from pipelines.ingest import IngestConfig, IngestResult
 
+log = logging.getLogger(__name__)
+POLL_S = 1.0
+"""How often the committer looks for shards that img2dataset has finished."""
+
 
 def download_and_commit(
     catalog: Catalog,
     raw: str,
+    staging: Path,
     table: UrlTable,
     result: IngestResult,
     manifest: dict[str, Any],
@@ -49,20 +74,16 @@ def download_and_commit(
     settings: dict[str, Any],
     config: IngestConfig,
 ) -> None:
-    """Download `table` into new shards, commit the good ones, update `result` and the manifest."""
+    """Download `table` into new shards (staged in `staging`, a node-local folder the caller
+    deletes), commit the good ones, update `result` and the manifest."""
     catalog.fs.create_dir(raw, recursive=True)
     sweep_leftovers(catalog, raw)
     first_id = next_shard_id(catalog, raw)
-    staging = f"{raw}/{STAGING}"
-    out_dir = f"{staging}/out"
-    catalog.fs.create_dir(out_dir, recursive=True)
     if kind == "list":  # every row ever submitted from this list, for --retry-failed
         record_submitted(catalog, f"{raw}/{SOURCES}/{result.source_digest[:16]}.parquet", table)
-    input_path = f"{staging}/input.parquet"
-    catalog.write_atomic(
-        input_path, parquet_bytes(table.to_arrow().select(["url", "caption", "uid"]))
-    )
-    result.wall_s = run_img2dataset(input_path, out_dir, first_id=first_id, config=config)
+    out_dir = staging / "out"
+    input_path = staging / "input.parquet"
+    pq.write_table(table.to_arrow().select(["url", "caption", "uid"]), input_path)
 
     source = {
         "kind": kind, "uri": config.url_list or catalog.uri(raw), "rows": result.rows_in,
@@ -70,10 +91,13 @@ def download_and_commit(
         "origins": origins, "planning": result.planning, "shards": [], "failed_shards": {},
         "ingested_at": datetime.now(UTC).isoformat(timespec="seconds"),
     }  # fmt: skip
-    failures, spans = commit_shards(
-        catalog, raw, out_dir, table, result, first_id, config.samples_per_shard
-    )
-    catalog.fs.delete_dir(staging)
+    committer = ShardCommitter(catalog, raw, out_dir, table, result, first_id,
+                               config.samples_per_shard)  # fmt: skip
+    with committer.watching():
+        result.wall_s = run_img2dataset(str(input_path), str(out_dir), first_id=first_id,
+                                        config=config)  # fmt: skip
+    committer.finish()
+    failures, spans = committer.failures, committer.spans
 
     result.failures = dict(sorted(failures.items()))
     # Download throughput over the shards' own start/end times (img2dataset's stats), which leaves
@@ -110,53 +134,91 @@ def record_submitted(catalog: Catalog, path: str, table: UrlTable) -> None:
     """Add the rows of `table` to the list's `_sources` parquet (rows already there stay once)."""
     submitted = table.to_arrow()
     if catalog.exists(path):  # the same list again (e.g. allow_private_hosts changed)
-        before = pq.read_table(path)
+        before = pq.read_table(path, filesystem=catalog.fs)
         fresh = pc.invert(pc.is_in(submitted["uid"], value_set=before["uid"].combine_chunks()))
         submitted = pa.concat_tables([before, submitted.filter(fresh)])
     catalog.write_atomic(path, parquet_bytes(submitted))
 
 
-def commit_shards(
-    catalog: Catalog,
-    raw: str,
-    out_dir: str,
-    table: UrlTable,
-    result: IngestResult,
-    first_id: int,
-    samples_per_shard: int,
-) -> tuple[Counter[str], list[tuple[float, float]]]:
-    """Check each downloaded shard, move it into `raw/` and commit it, or quarantine it.
+class ShardCommitter:
+    """Checks, puts into `raw/` and commits the staged shards of one img2dataset call, each as
+    soon as img2dataset has finished it (module docstring); records new and failed shards and
+    successes in `result`, the failures by cause in `failures`, each shard's (start, end)
+    download time in `spans`."""
 
-    Records new and failed shards and successes in `result`; returns the failures by cause and
-    each shard's (start, end) download time.
-    """
-    notes = dict(zip(table.uid, table.note, strict=True))
-    failures: Counter[str] = Counter()
-    spans: list[tuple[float, float]] = []
-    for i in range(math.ceil(len(table) / samples_per_shard)):
-        sid = shard_name(first_id + i)
-        expected = table.uid[i * samples_per_shard : (i + 1) * samples_per_shard]
+    def __init__(self, catalog: Catalog, raw: str, staged: Path, table: UrlTable,
+                 result: IngestResult, first_id: int, samples_per_shard: int) -> None:  # fmt: skip
+        self.catalog, self.raw, self.staged, self.result = catalog, raw, staged, result
+        self.notes = dict(zip(table.uid, table.note, strict=True))
+        self.pending = {  # shard id -> the uids sent to it
+            shard_name(first_id + i): table.uid[i * samples_per_shard : (i + 1) * samples_per_shard]
+            for i in range(math.ceil(len(table) / samples_per_shard))
+        }
+        self.failures: Counter[str] = Counter()
+        self.spans: list[tuple[float, float]] = []
+        self.error: BaseException | None = None
+
+    @contextlib.contextmanager
+    def watching(self, every_s: float = POLL_S) -> Iterator[None]:
+        """Commit finished shards from a thread while the body (img2dataset) runs. An error there
+        (the store failing after its client's own retries) stops the committing, and is raised
+        when the body ends: the shards committed so far stay, the next run downloads the rest."""
+        stop = threading.Event()
+
+        def loop() -> None:
+            while not stop.wait(every_s):
+                try:
+                    self.poll()
+                except Exception as err:  # noqa: BLE001 - raised in the caller's thread below
+                    log.error("committing the finished shards failed: %s", err)
+                    self.error = err
+                    return
+
+        thread = threading.Thread(target=loop, name="ingest-commit", daemon=True)
+        thread.start()
         try:
-            stats_path = Path(out_dir, f"{sid}_stats.json")
-            if not stats_path.exists():
-                raise ShardError(
-                    f"shard {sid}: img2dataset did not finish it (no {stats_path.name})"
-                )
-            stats = json.loads(stats_path.read_text())
-            spans.append((stats["start_time"], stats["end_time"]))
-            info = inspect_shard(out_dir, sid)
+            yield
+        finally:
+            stop.set()
+            thread.join()
+        if self.error is not None:
+            raise self.error
+
+    def poll(self) -> None:
+        """Commit (or quarantine) every pending shard whose stats file is complete."""
+        for sid in sorted(self.pending):
+            try:
+                stats = json.loads((self.staged / f"{sid}_stats.json").read_text())
+            except (FileNotFoundError, ValueError):  # not (completely) written yet
+                continue
+            self.commit(sid, stats)
+
+    def finish(self) -> None:
+        """After img2dataset: commit what it finished, fail the shards it did not."""
+        self.poll()
+        for sid in sorted(self.pending):
+            self.commit(sid, None)
+        self.result.new_shards.sort()
+        self.result.failed_shards = dict(sorted(self.result.failed_shards.items()))
+
+    def commit(self, sid: str, stats: dict[str, Any] | None) -> None:
+        expected = self.pending.pop(sid)
+        try:
+            if stats is None:
+                raise ShardError(f"shard {sid}: img2dataset did not finish it (no complete "
+                                 f"{sid}_stats.json)")  # fmt: skip
+            self.spans.append((stats["start_time"], stats["end_time"]))
+            info = inspect_shard(str(self.staged), sid)
             if sorted(info.uids) != sorted(expected):
                 raise ShardError(
                     f"shard {sid}: its rows are not the {len(expected)} rows sent to it"
                 )
-        except ShardError as err:
-            result.failed_shards[sid] = str(err)
-            failures["shard_failed"] += len(expected)
-            quarantine_shard(catalog, out_dir, raw, sid)
-            continue
-        for suffix in (".tar", ".parquet", "_stats.json"):
-            catalog.fs.move(f"{out_dir}/{sid}{suffix}", f"{raw}/{sid}{suffix}")
-        caption_notes = Counter(notes[u] for u in info.uids if notes.get(u))
+        except (ShardError, KeyError, TypeError) as err:  # a stats file without times: the same
+            self.result.failed_shards[sid] = str(err)
+            self.failures["shard_failed"] += len(expected)
+            quarantine_shard(self.catalog, self.staged, self.raw, sid)
+            return
+        caption_notes = Counter(self.notes[u] for u in info.uids if self.notes.get(u))
         record = DoneRecord(
             shard=sid,
             stage="raw",
@@ -166,19 +228,44 @@ def commit_shards(
             failures=info.failures,
             extra={
                 "samples": info.samples,
-                "source": result.source_digest,
+                "source": self.result.source_digest,
                 "caption_notes": dict(caption_notes),
             },
         )
-        catalog.commit(raw, record)
-        result.new_shards.append(sid)
-        result.successes += info.successes
-        failures.update(info.failures)
+        commit_staged(self.catalog, self.staged, self.raw, record)
+        self.result.new_shards.append(sid)
+        self.result.successes += info.successes
+        self.failures.update(info.failures)
         if info.successes == 0:
-            result.failed_shards[sid] = (
+            self.result.failed_shards[sid] = (
                 f"shard {sid}: none of its {info.samples} samples downloaded"
             )
-    return failures, spans
+
+
+def commit_staged(catalog: Catalog, staged: Path, directory: str, record: DoneRecord) -> None:
+    """`Catalog.commit` of a shard whose files are still staged: their sizes and sha256 from the
+    staged copies, then the files (and img2dataset's stats) put into `directory`, their stored
+    sizes checked, then the completion record, last."""
+    for name in record.files:
+        record.file_sizes[name], record.file_sha256[name] = _size_and_sha256(staged / name)
+    stats = f"{record.shard}_stats.json"
+    for name in (*record.files, stats):  # the stats file stays staged for img2dataset's logger
+        put_staged(catalog, staged / name, f"{directory}/{name}", keep=name == stats)
+    stored = catalog.fs.get_file_info([f"{directory}/{name}" for name in record.files])
+    for name, info in zip(record.files, stored, strict=True):
+        if info.size != record.file_sizes[name]:
+            raise OSError(f"{info.path} is {info.size} bytes after its upload, staged "
+                          f"{record.file_sizes[name]}")  # fmt: skip
+    catalog.write_atomic(catalog.done_path(directory, record.shard), record.to_json().encode())
+
+
+def _size_and_sha256(path: Path) -> tuple[int, str]:
+    h, size = hashlib.sha256(), 0
+    with path.open("rb") as f:
+        while block := f.read(1 << 22):
+            h.update(block)
+            size += len(block)
+    return size, h.hexdigest()
 
 
 def parquet_bytes(table: pa.Table) -> bytes:

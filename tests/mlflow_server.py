@@ -21,6 +21,25 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def basic_auth_env(root: Path, *, admin_username: str, admin_password: str,
+                   default_permission: str = "READ") -> dict[str, str]:  # fmt: skip
+    """The environment of an `--app-name basic-auth` server: its ini (auth users in
+    `root/auth.db`), the admin to create on first start, and the CSRF key the app insists on."""
+    config = root / "basic_auth.ini"
+    config.write_text(
+        "[mlflow]\n"
+        f"default_permission = {default_permission}\n"
+        f"database_uri = sqlite:///{root}/auth.db\n"
+        "authorization_function = mlflow.server.auth:authenticate_request_basic_auth\n"
+    )
+    return {
+        "MLFLOW_AUTH_CONFIG_PATH": str(config),
+        "MLFLOW_AUTH_ADMIN_USERNAME": admin_username,
+        "MLFLOW_AUTH_ADMIN_PASSWORD": admin_password,
+        "MLFLOW_FLASK_SERVER_SECRET_KEY": "seedpipe-tests-only-csrf-key",
+    }
+
+
 class MlflowServer:
     """`mlflow server` on 127.0.0.1 with a SQLite store, in its own process group."""
 

@@ -35,6 +35,7 @@ import uuid
 from collections.abc import Callable
 from pathlib import Path
 from types import TracebackType
+from typing import Any
 
 import psutil
 
@@ -42,27 +43,30 @@ MARKER = "SEEDPIPE_TEST_RAY_NODE"
 """Environment variable on every process of a node: `<cluster tag>/<node name>`."""
 HEAD = "head"
 
-# Run in a fresh interpreter (the test process stays unconnected, so a session-wide local Ray in
-# it is untouched): waits until every wanted node is alive in the GCS, prints {name: node id}.
-_WAIT_NODES = textwrap.dedent("""
-    import json, sys, time
+_DRIVER = textwrap.dedent("""
+    import json, sys
     import ray
-    address, names, timeout = sys.argv[1], json.loads(sys.argv[2]), float(sys.argv[3])
-    skip = set(json.loads(sys.argv[4]))  # a restarted node's old id: the GCS may not know it died
-    ray.init(address=address, log_to_driver=False, logging_level="ERROR")
+    ray.init(address=sys.argv.pop(1), log_to_driver=False, logging_level="ERROR")
+    def reply(value):
+        print("REPLY " + json.dumps(value), flush=True)
+""")
+# Waits until every wanted node is alive in the GCS (a restarted node's old id does not count:
+# the GCS notices a killed node only at its next health check); replies {name: node id}.
+_WAIT_NODES = textwrap.dedent("""
+    import time
+    names, timeout, skip = json.loads(sys.argv[1]), float(sys.argv[2]), set(json.loads(sys.argv[3]))
     deadline = time.monotonic() + timeout
     while True:
-        alive = [n for n in ray.nodes() if n["Alive"] and n["NodeID"] not in skip]
         found = {}
-        for node in alive:
+        for node in ray.nodes():
             res = node["Resources"]
-            for name in names:
-                if (name == "head" and "node:__internal_head__" in res) or name in res:
-                    found[name] = node["NodeID"]
+            if node["Alive"] and node["NodeID"] not in skip:
+                found |= {n: node["NodeID"] for n in names
+                          if (n == "head" and "node:__internal_head__" in res) or n in res}
         if set(found) == set(names) or time.monotonic() > deadline:
             break
         time.sleep(0.5)
-    print("NODES " + json.dumps(found), flush=True)
+    reply(found)
 """)
 
 
@@ -265,20 +269,29 @@ class RayNodes:
                     self._failure(f"nodes {names} not alive in {self.start_timeout_s:.0f} s")
                 )
             try:
-                out = subprocess.run([sys.executable, "-c", _WAIT_NODES, self.address, json.dumps(names),
-                                      str(max(1.0, left - 10)), json.dumps(sorted(not_ids))], env=self.env("probe"), capture_output=True,
-                                     text=True, timeout=left + 5)  # fmt: skip
-            except subprocess.TimeoutExpired:
-                continue
-            if out.returncode != 0:  # the GCS is not up yet: ray.init failed
+                found = self.query(_WAIT_NODES, json.dumps(names), str(max(1.0, left - 10)),
+                                   json.dumps(sorted(not_ids)), timeout_s=left + 5)  # fmt: skip
+            except (RuntimeError, subprocess.TimeoutExpired):  # the GCS is not up yet
                 time.sleep(1)
                 continue
-            lines = [line for line in out.stdout.splitlines() if line.startswith("NODES ")]
-            found = json.loads(lines[-1][len("NODES ") :]) if lines else {}
             if set(found) == set(names):
                 self._ids.update(found)
                 return
             time.sleep(1)
+
+    def query(self, code: str, *args: str, timeout_s: float = 60.0) -> Any:
+        """Run `code` in a fresh interpreter connected to the cluster as a driver (`ray`, `json`
+        and `sys` imported, `args` in `sys.argv[1:]`) and return the value it passes to
+        `reply(value)` (JSON). A fresh interpreter: the test process stays unconnected, so a
+        session-wide local Ray in it is untouched."""
+        out = subprocess.run([sys.executable, "-c", _DRIVER + textwrap.dedent(code), self.address, *args],
+                             env=self.env("probe"), capture_output=True, text=True, timeout=timeout_s)  # fmt: skip
+        replies = [line for line in out.stdout.splitlines() if line.startswith("REPLY ")]
+        if out.returncode != 0 or not replies:
+            raise RuntimeError(
+                f"driver exited {out.returncode} without a reply:\n{out.stderr[-2000:]}"
+            )
+        return json.loads(replies[-1][len("REPLY ") :])
 
     def _failure(self, what: str) -> str:
         logs = [f"--- {self.log(n)} ---\n{tail(self.log(n))}" for n in [HEAD, *self.nodes]]

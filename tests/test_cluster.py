@@ -171,7 +171,7 @@ def test_kubernetes_objects_reference_each_other():
     for _, service in k8s_objects("Service"):
         assert any(service["spec"]["selector"].items() <= labels.items() for labels in pod_labels)
     for _, cluster in k8s_objects("RayCluster"):
-        env = {e["name"]: e["value"] for e in
+        env = {e["name"]: e.get("value") for e in  # secretKeyRef entries have no value
                cluster["spec"]["headGroupSpec"]["template"]["spec"]["containers"][0]["env"]}  # fmt: skip
         assert env["MLFLOW_TRACKING_URI"] == "http://seedpipe-mlflow.seedpipe.svc:5000"
         assert env["SEEDPIPE_ROOT"] == "/mnt/seed-data"

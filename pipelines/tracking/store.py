@@ -16,6 +16,12 @@
   MLflow's: its default of 7 retries with backoff would hold a training step for minutes in an
   outage. seedpipe processes use MLflow through this package, so the setting is what they need
   anywhere in the process (model downloads by `pipelines.models` included: one bounded attempt).
+- **Credentials come from the environment.** `MLFLOW_TRACKING_USERNAME` / `MLFLOW_TRACKING_PASSWORD`
+  (or `MLFLOW_TRACKING_TOKEN`), which MLflow's REST client reads at every request: nothing here
+  passes or stores them. A server that refuses them (HTTP 401) or their rights (403) is not an
+  outage: retrying cannot fix it, so `is_transient` says no (nothing is retried or queued as an
+  outage) and opening a run raises `CredentialsRefused`, a ValueError with one line that says
+  what to set.
 - **Creating a run is idempotent.** A run carries tag `seedpipe_run_key` (a uuid kept in its run
   folder); `find_or_create_run` adopts the run with that key before it creates one, so a create
   whose reply was lost, retried, does not leave a second run.
@@ -33,6 +39,8 @@ from mlflow.entities import RunTag
 from mlflow.environment_variables import (
     MLFLOW_HTTP_REQUEST_MAX_RETRIES,
     MLFLOW_HTTP_REQUEST_TIMEOUT,
+    MLFLOW_TRACKING_TOKEN,
+    MLFLOW_TRACKING_USERNAME,
 )
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
@@ -101,8 +109,44 @@ def mlflow_client(uri: str) -> MlflowClient:
     return MlflowClient(tracking_uri=uri, registry_uri=uri)
 
 
+class CredentialsRefused(ValueError):
+    """The tracking server refused this process's credentials (401) or their rights (403)."""
+
+
+def auth_status(exc: BaseException) -> int | None:
+    """401 or 403 when `exc` is the server refusing the credentials or what they may do, else None."""
+    if isinstance(exc, MlflowException):
+        status = exc.get_http_status_code()
+    elif isinstance(exc, requests.HTTPError) and exc.response is not None:
+        status = exc.response.status_code
+    else:
+        return None
+    return status if status in (401, 403) else None
+
+
+def credentials_refused(uri: str, exc: BaseException, doing: str) -> CredentialsRefused:
+    """The one-line error for an auth refusal of `exc` while `doing` (e.g. "opening a run")."""
+    user = MLFLOW_TRACKING_USERNAME.get()
+    if auth_status(exc) == 403:
+        return CredentialsRefused(
+            f"MLflow at {uri} denied user {user!r} (HTTP 403) {doing}: an MLflow admin must grant "
+            "that user the permission (EDIT on the experiment), or use another user"
+        )
+    if user:
+        who = f"user {user!r} (wrong password, or no such user)"
+    elif MLFLOW_TRACKING_TOKEN.get():
+        who = "the token in MLFLOW_TRACKING_TOKEN"
+    else:
+        who = "a request without credentials"
+    return CredentialsRefused(
+        f"MLflow at {uri} refused {who} (HTTP 401) {doing}: set MLFLOW_TRACKING_USERNAME and "
+        "MLFLOW_TRACKING_PASSWORD to an MLflow user's credentials"
+    )
+
+
 def is_transient(exc: BaseException) -> bool:
-    """Worth retrying later (server down, timeout, 5xx, 429), as opposed to rejected by the server."""
+    """Worth retrying later (server down, timeout, 5xx, 429), as opposed to rejected by the server
+    (4xx: a bad request, or refused credentials, which no retry fixes)."""
     if isinstance(exc, MlflowException):
         # MLflow wraps connection errors and timeouts as INTERNAL_ERROR (500)
         status = exc.get_http_status_code()
@@ -132,17 +176,25 @@ def experiment_id(client: MlflowClient, name: str, uri: str) -> str:
 def find_or_create_run(client: MlflowClient, *, uri: str, experiment: str, run_key: str,
                        run_name: str, tags: dict[str, str], start_time: int | None = None) -> str:  # fmt: skip
     """The id of the run tagged `run_key`, created in `experiment` when there is none yet (an
-    existing one gets `tags` again, as its create would have set them)."""
-    exp_id = experiment_id(client, experiment, uri)
-    found = client.search_runs(
-        [exp_id], filter_string=f"tags.{RUN_KEY_TAG} = '{run_key}'", max_results=1
-    )
-    if found:
-        run_id = found[0].info.run_id
-        client.log_batch(run_id, tags=[RunTag(k, v) for k, v in tags.items()])
-        return run_id
-    run = client.create_run(
-        exp_id, start_time=start_time, run_name=run_name, tags={**tags, RUN_KEY_TAG: run_key}
-    )
-    logger.info("created MLflow run %s (%s)", run.info.run_id, uri)
-    return run.info.run_id
+    existing one gets `tags` again, as its create would have set them).
+
+    Raises `CredentialsRefused` when the server refuses the credentials: a new job's or stage's
+    first request to the server is made here, so that is where a wrong password is reported."""
+    try:
+        exp_id = experiment_id(client, experiment, uri)
+        found = client.search_runs(
+            [exp_id], filter_string=f"tags.{RUN_KEY_TAG} = '{run_key}'", max_results=1
+        )
+        if found:
+            run_id = found[0].info.run_id
+            client.log_batch(run_id, tags=[RunTag(k, v) for k, v in tags.items()])
+            return run_id
+        run = client.create_run(
+            exp_id, start_time=start_time, run_name=run_name, tags={**tags, RUN_KEY_TAG: run_key}
+        )
+        logger.info("created MLflow run %s (%s)", run.info.run_id, uri)
+        return run.info.run_id
+    except MlflowException as exc:
+        if auth_status(exc) is None:
+            raise
+        raise credentials_refused(uri, exc, f"opening a run in experiment {experiment!r}") from exc

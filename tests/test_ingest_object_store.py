@@ -1,0 +1,254 @@
+"""Ingest into an object-store root (`s3://bucket/prefix` on a moto S3 server on 127.0.0.1) works as a
+local root does: committed shards in the bucket, incremental runs, retries, lost shards, dry runs,
+and nothing left in the working folder or in the node's scratch.
+
+One S3 server per module; each test has its own bucket. The synthetic images are served by an
+`ImageServer` on 127.0.0.1 (`allow_private_hosts`). MLflow goes to a sqlite file under the test's
+tmp_path (`MLFLOW_TRACKING_URI`): these tests are about ingest, not the tracking store.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import subprocess
+import tarfile
+import uuid
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+
+from pipelines import ingest, rawcommit
+from pipelines.catalog import Catalog
+from pipelines.synthetic import ImageServer, make_images, write_url_list
+from tests.chain import seedpipe_exe, user_env
+from tests.s3_server import S3Server
+
+FAST = {"image_size": 32, "threads": 4, "timeout": 2, "allow_private_hosts": True,
+        "samples_per_shard": 3}  # fmt: skip
+FAST_ARGS = ["--image-size", "32", "--threads", "4", "--timeout", "2", "--allow-private-hosts",
+             "--samples-per-shard", "3"]  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def s3(tmp_path_factory):
+    """One moto S3 server for the module."""
+    server = S3Server(tmp_path_factory.mktemp("s3"))
+    server.start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def store(s3, tmp_path, monkeypatch):
+    """A fresh bucket, the server's AWS variables, MLflow in a sqlite file, this test's own scratch
+    and an empty working folder as the current one. Yields (bucket, workdir, scratch)."""
+    for key, value in s3.env().items():
+        monkeypatch.setenv(key, value)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path}/mlflow.db")
+    scratch, workdir = tmp_path / "scratch", tmp_path / "work"
+    scratch.mkdir()
+    workdir.mkdir()
+    monkeypatch.setenv("SEEDPIPE_SCRATCH", str(scratch))
+    monkeypatch.chdir(workdir)
+    yield s3.create_bucket(f"ingest-{uuid.uuid4().hex[:12]}"), workdir, scratch
+
+
+def _config(root: str, corpus: str, url_list: Path | str | None, **kw) -> ingest.IngestConfig:
+    url_list = None if url_list is None else str(url_list)
+    return ingest.IngestConfig(root=root, corpus=corpus, url_list=url_list, **FAST | kw)
+
+
+def _listing(s3: S3Server, bucket: str, prefix: str) -> dict[str, tuple[str, object]]:
+    """{key: (etag, last modified)} of every object under `prefix`."""
+    pages = s3.client().get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix)
+    return {o["Key"]: (o["ETag"], o["LastModified"]) for p in pages for o in p.get("Contents", [])}
+
+
+def _objects(s3: S3Server, bucket: str, prefix: str) -> set[str]:
+    """Object keys under `prefix`, without pyarrow's folder markers (`.../`)."""
+    return {k for k in s3.keys(bucket, prefix) if not k.endswith("/")}
+
+
+def _shard_keys(raw_key: str, *shards: str) -> set[str]:
+    return {f"{raw_key}/{s}{suffix}" for s in shards
+            for suffix in (".tar", ".parquet", ".done.json", "_stats.json")}  # fmt: skip
+
+
+def _committed_uids(catalog: Catalog, raw: str) -> dict[str, list[str]]:
+    """{shard: uids of its successful rows}, read from the store; each tar holds exactly the
+    images its parquet lists as successes."""
+    out = {}
+    for sid in catalog.committed(raw):
+        rows = pq.read_table(f"{raw}/{sid}.parquet", filesystem=catalog.fs).to_pylist()
+        ok = [r for r in rows if r["status"] == "success"]
+        with (
+            catalog.fs.open_input_stream(f"{raw}/{sid}.tar") as f,
+            tarfile.open(fileobj=io.BytesIO(f.read())) as tf,
+        ):
+            names = tf.getnames()
+        assert {n.split(".")[0] for n in names if n.endswith(".jpg")} == {r["key"] for r in ok}
+        out[sid] = sorted(r["uid"] for r in ok)
+    return out
+
+
+def _uids(rows: list[tuple[str, str]]) -> list[str]:
+    return sorted(ingest.row_uid(url, caption) for url, caption in rows)
+
+
+def _no_staging_left(scratch: Path) -> bool:
+    """The runs' staging folders under `<scratch>/ingest` are gone."""
+    return not (scratch / "ingest").exists() or not any((scratch / "ingest").iterdir())
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_bucket_root_commits_noop_extend_and_lost_shard(s3, store, tmp_path):
+    """`main([...])` with an s3:// root commits the list's shards in the bucket (tar, parquet,
+    stats, record, manifest), a rerun is a no-op that writes nothing, an appended list adds only
+    new shards, and a record corrupted in the bucket makes its shard lost and re-downloaded; the
+    working folder and the scratch staging stay empty."""
+    bucket, workdir, scratch = store
+    root, raw_key = f"s3://{bucket}/seed-data", "seed-data/corpora/web/raw"
+    images = make_images(10, seed=31)
+    with ImageServer(images) as srv:
+        rows = [(srv.image_url(n), c) for n, _, c in images]
+        list_a = write_url_list(tmp_path / "a.tsv", rows[:7], "tsv")
+        list_b = write_url_list(tmp_path / "b.tsv", rows, "tsv")  # list a + 3 rows
+        args = ["--root", root, "--corpus", "web", *FAST_ARGS, "--url-list", str(list_a)]
+        assert ingest.main(args) == 0
+
+        keys = _objects(s3, bucket, raw_key)
+        sources = {k for k in keys if k.startswith(f"{raw_key}/_sources/")}
+        assert len(sources) == 1
+        shards = _shard_keys(raw_key, "00000", "00001", "00002")
+        assert keys == shards | sources | {f"{raw_key}/manifest.json"}
+        catalog = Catalog(root)
+        raw = catalog.raw_dir("web")
+        first = _committed_uids(catalog, raw)
+        assert [len(u) for u in first.values()] == [3, 3, 1]
+        assert sorted(u for us in first.values() for u in us) == _uids(rows[:7])
+        manifest = json.loads(catalog.read_text(f"{raw}/manifest.json"))
+        assert sorted(manifest["shards"]) == ["00000", "00001", "00002"]
+
+        before = _listing(s3, bucket, "seed-data/corpora")
+        again = ingest.run(_config(root, "web", list_a))
+        assert again.status == "no-op" and "already ingested" in again.message
+        assert _listing(s3, bucket, "seed-data/corpora") == before
+
+        extend = ingest.run(_config(root, "web", list_b))
+        assert extend.new_shards == ["00003"] and extend.planning == {"already_ingested": 7}
+        after = _listing(s3, bucket, raw_key)
+        assert {k: after[k] for k in shards} == {k: before[k] for k in shards}
+
+        # a completion record in a bucket is as untrusted as one on disk
+        record_key = f"{raw_key}/00001.done.json"
+        body = s3.client().get_object(Bucket=bucket, Key=record_key)["Body"].read()
+        s3.client().put_object(Bucket=bucket, Key=record_key, Body=body[:40])
+        rerun = ingest.run(_config(root, "web", list_a))  # the lost shard's list
+        assert list(rerun.lost_shards) == ["00001"] and "sound" in rerun.lost_shards["00001"]
+        assert rerun.new_shards == ["00004"] and rerun.rows_to_download == 3
+        assert rerun.exit_code == 0
+        assert ingest.run(_config(root, "web", list_a)).status == "no-op"
+    final = _committed_uids(catalog, raw)
+    assert sorted(final) == ["00000", "00002", "00003", "00004"]
+    assert final["00004"] == first["00001"]
+    assert sorted(u for us in final.values() for u in us) == _uids(rows)  # each image once
+    failed = {k.rsplit("/", 1)[-1] for k in _objects(s3, bucket, f"{raw_key}/_failed/")}
+    assert {"00001.tar", "00001.parquet", "00001.done.json"} <= failed
+    assert list(workdir.iterdir()) == []
+    assert _no_staging_left(scratch)
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_bucket_root_failed_shard_dry_run_and_retry(s3, store, tmp_path, monkeypatch, capsys):
+    """On an s3:// root a shard that fails its checks goes to `_failed/` in the bucket, uncommitted;
+    `--retry-failed --dry-run` writes nothing; `--retry-failed` re-attempts only that shard and the
+    transient failures (never the 404) into new shards, and then has nothing left to retry."""
+    bucket, workdir, scratch = store
+    root, raw_key = f"s3://{bucket}/seed-data", "seed-data/corpora/rt/raw"
+    images = make_images(7, seed=32)
+    real_inspect = rawcommit.inspect_shard
+
+    def corrupt_shard_1(directory, shard):
+        if shard == "00001":
+            Path(directory, f"{shard}.tar").write_bytes(b"\x00garbage" * 100)
+        return real_inspect(directory, shard)
+
+    with ImageServer(images, flaky_failures=1) as srv:
+        img = [(srv.image_url(n), c) for n, _, c in images[:5]]
+        flaky = [(srv.url(f"/flaky/{n}"), f"flaky {n}") for n, _, _ in images[5:]]
+        rows = [img[0], flaky[0], img[1], *img[2:5], flaky[1], (srv.url("/404"), "gone")]
+        url_list = write_url_list(tmp_path / "list.tsv", rows, "tsv")
+        args = ["--root", root, "--corpus", "rt", *FAST_ARGS]
+        monkeypatch.setattr(rawcommit, "inspect_shard", corrupt_shard_1)
+        assert ingest.main([*args, "--url-list", str(url_list)]) == 1
+        assert "FAILED shard 00001" in capsys.readouterr().out
+        monkeypatch.setattr(rawcommit, "inspect_shard", real_inspect)
+
+        catalog = Catalog(root)
+        raw = catalog.raw_dir("rt")
+        assert sorted(catalog.committed(raw)) == ["00000", "00002"]
+        failed = {k.rsplit("/", 1)[-1] for k in _objects(s3, bucket, f"{raw_key}/_failed/")}
+        assert failed == {"00001.tar", "00001.parquet", "00001_stats.json"}
+        assert f"{raw_key}/00001.tar" not in _objects(s3, bucket, raw_key)
+
+        before = _listing(s3, bucket, "seed-data/corpora")
+        assert ingest.main([*args, "--retry-failed", "--dry-run"]) == 0
+        assert "to download          5 in 2 shards" in capsys.readouterr().out
+        assert _listing(s3, bucket, "seed-data/corpora") == before
+
+        requests_before = dict(srv.requests)
+        assert ingest.main([*args, "--retry-failed"]) == 0
+        delta = {p: n - requests_before.get(p, 0) for p, n in srv.requests.items()
+                 if n != requests_before.get(p, 0)}  # fmt: skip
+        assert "/404" not in delta and sum(delta.values()) == 5  # shard 00001's 3 + 2 flaky
+        capsys.readouterr()
+        assert ingest.main([*args, "--retry-failed"]) == 0
+        assert "nothing left to retry" in capsys.readouterr().out
+    records = catalog.committed(raw)
+    assert sorted(records) == ["00000", "00002", "00003", "00004"]
+    uids = _committed_uids(catalog, raw)
+    assert sorted(u for us in uids.values() for u in us) == _uids(rows[:-1])  # each image once
+    assert list(workdir.iterdir()) == []
+    assert _no_staging_left(scratch)
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_console_script_ingests_a_list_in_the_bucket(s3, store, tmp_path):
+    """The installed `seedpipe ingest`, run from an empty folder with a URL list and a root that are
+    both s3:// URIs, commits the list into the bucket and then is a no-op; it writes nothing in the
+    working folder and leaves no staging behind."""
+    bucket, workdir, scratch = store
+    images = make_images(5, seed=33)
+    env = user_env() | {
+        k: v for k, v in os.environ.items() if k.startswith(("AWS_", "MLFLOW_", "SEEDPIPE_"))
+    }
+    with ImageServer(images) as srv:
+        rows = [(srv.image_url(n), c) for n, _, c in images]
+        local_list = write_url_list(tmp_path / "urls.tsv", rows, "tsv")
+        s3.client().put_object(Bucket=bucket, Key="lists/urls.tsv", Body=local_list.read_bytes())
+        list_uri = f"s3://{bucket}/lists/urls.tsv"
+        argv = [seedpipe_exe(), "ingest", "--root", f"s3://{bucket}/seed-data", "--corpus", "cli",
+                "--url-list", list_uri, *FAST_ARGS]  # fmt: skip
+        runs = [subprocess.run(argv, cwd=workdir, env=env, capture_output=True, text=True,
+                               timeout=240) for _ in range(2)]  # fmt: skip
+    for proc in runs:
+        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "already ingested" in runs[1].stdout
+    raw_key = "seed-data/corpora/cli/raw"
+    assert _shard_keys(raw_key, "00000", "00001") | {f"{raw_key}/manifest.json"} <= _objects(
+        s3, bucket, raw_key
+    )
+    catalog = Catalog(f"s3://{bucket}/seed-data")
+    raw = catalog.raw_dir("cli")
+    uids = _committed_uids(catalog, raw)
+    assert sorted(u for us in uids.values() for u in us) == _uids(rows)
+    manifest = json.loads(catalog.read_text(f"{raw}/manifest.json"))
+    assert [s["uri"] for s in manifest["sources"].values()] == [list_uri]
+    assert list(workdir.iterdir()) == []
+    assert _no_staging_left(scratch)
