@@ -201,7 +201,9 @@ def training_rows(config: TrainJobConfig, files: Sequence[str]) -> Any:
     )  # fmt: skip
 
 
-def read_parquet_files(batch: Any, *, holdout: float, block_bytes: int | None) -> Iterator[Any]:
+def read_parquet_files(
+    batch: Any, holdout: float = 0.0, block_bytes: int | None = None
+) -> Iterator[Any]:
     """Ray Data generator over a batch of `path` rows: each file's rows (local path or URI) in
     tables of about `block_bytes` in memory (at most `READ_BATCH_ROWS` rows over), without the
     held-out ones when `holdout` > 0. Sized in memory, not by the parquet footer: encoded sizes

@@ -418,14 +418,18 @@ def _run(config: IngestConfig, staging: Path, resolver: Resolver | None) -> Inge
 def _readable_list(url_list: str, into: Path) -> str:
     """A local path of the URL list: the list itself, or its copy in `into` when it is on an
     object store (the readers and the digest read local files; the list is read whole anyway)."""
-    fs, path = filesystem(url_list)
-    if fs.get_file_info(path).type != pafs.FileType.File:
+    try:
+        fs, path = filesystem(url_list)
+        is_file = fs.get_file_info(path).type == pafs.FileType.File
+        if is_file and not isinstance(fs, pafs.LocalFileSystem):
+            local = into / path.rsplit("/", 1)[-1]  # the same name: the format comes from it
+            download(fs, path, local)
+            return str(local)
+    except (ValueError, OSError) as err:  # an unknown scheme, a store that refuses
+        raise ValueError(f"url_list {url_list} cannot be read ({err})") from None
+    if not is_file:
         raise ValueError(f"url_list {url_list} is not a file")
-    if isinstance(fs, pafs.LocalFileSystem):
-        return path
-    local = into / path.rsplit("/", 1)[-1]  # the same name: the format comes from it
-    download(fs, path, local)
-    return str(local)
+    return path
 
 
 def _safe(name: str) -> str:

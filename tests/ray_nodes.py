@@ -5,16 +5,20 @@
         cluster.node_id("node_a")
         cluster.kill_node("node_b"); cluster.restart_node("node_b")
 
-Every node is a `ray start --block` process in its own session (process group), bound to
-127.0.0.1, with `RAY_AUTH_MODE=disabled`. Worker nodes carry a custom resource named after them
-(`{"node_a": 1}`) so a test can tell them apart and target them. They start one after the other:
-two `ray start --address` at the same moment on 2 cores timed out (PITFALLS.md).
+Every node is a `ray start --block` process in a session of its own, with
+`--node-ip-address 127.0.0.1` (what the node advertises; Ray's gRPC servers listen on every
+interface whatever it is given, Ray 2.60 has no option for that) and `RAY_AUTH_MODE=disabled`.
+Worker nodes carry a custom resource named after them (`{"node_a": 1}`) so a test can tell them
+apart and target them. They start one after the other: two `ray start --address` at the same
+moment on 2 cores timed out (PITFALLS.md). Ports are free ones picked here, or the OS's, so the
+nodes of one cluster, and other clusters on the machine, do not collide.
 
-Why a node is killed by more than its process group: the raylet starts its worker processes in
-sessions of their own, so `killpg` misses them (tests/process_tree.py saw the same). They inherit
-the raylet's environment, which carries a marker naming this cluster and node; a kill takes the
-group, every process with the marker and every descendant of both. `ray stop` is never used: it
-stops every Ray on the machine, other tests' and other sessions' too.
+Why a node is killed by more than its process group: the raylet starts each worker process in a
+process group of its own (seen here: `killpg` left them running; tests/process_tree.py saw the
+same), though in the node's session. A kill takes every process of the node's session, every
+process whose environment carries the node's marker (`MARKER`, inherited from `ray start`, so an
+orphan is found too) and their descendants. `ray stop` is never used: it stops every Ray on the
+machine, other tests' and other sessions' too.
 """
 
 from __future__ import annotations
@@ -99,17 +103,15 @@ class RayNodes:
         start_timeout_s: float = 120.0,
     ) -> None:
         """`nodes`: worker node name -> its CPUs. `head_cpus=0` by default: the head takes no
-        task or actor that asks for a CPU, so training workers land on the named nodes only.
+        task or actor that asks for a CPU, so training workers land on the named nodes only
+        (and with 1-CPU nodes a 2-worker job holds every CPU: its data tasks must ask for none,
+        `jobs.scheduling.training_rows`).
         `dashboard`: start the head's dashboard (the state API, and the job server that
         `seedpipe submit` needs) on 127.0.0.1 at a free port; off, the head starts faster."""
         self.workdir = Path(workdir)
         self.nodes = dict(nodes if nodes is not None else {"node_a": 1, "node_b": 1})
         assert HEAD not in self.nodes, "the head is always there, named 'head'"
-        self.head_cpus, self.dashboard, self.start_timeout_s = (
-            head_cpus,
-            dashboard,
-            start_timeout_s,
-        )
+        self.head_cpus, self.dashboard, self.start_timeout_s = head_cpus, dashboard, start_timeout_s
         self.object_store_bytes = object_store_mb << 20
         # Ray's unix sockets live under the temp dir: keep its path short (108-byte limit).
         self.temp_dir = Path(tempfile.mkdtemp(prefix="rn", dir="/tmp"))
@@ -119,9 +121,8 @@ class RayNodes:
         self._procs: dict[str, subprocess.Popen[bytes]] = {}
         self._ids: dict[str, str] = {}
         self._stopped = False
-        atexit.register(
-            self.stop
-        )  # pytest-timeout's signal method runs fixture teardown; this is a belt
+        # pytest-timeout's signal method still runs fixture teardown; this covers other exits
+        atexit.register(self.stop)
 
     # ---- addresses ----
 
@@ -135,9 +136,10 @@ class RayNodes:
         return f"http://127.0.0.1:{self.dashboard_port}"
 
     def env(self, name: str = HEAD) -> dict[str, str]:
-        """The environment every process of node `name` gets (tests use it for their drivers
-        too): auth off on loopback, no usage stats, the venv's bin first on PATH (a job's
-        `python -m ...` entrypoint runs the first python on the head's PATH, PITFALLS.md)."""
+        """The environment every process of node `name` gets: auth off on loopback, no usage
+        stats, the venv's bin first on PATH (a job's `python -m ...` entrypoint runs the first
+        python on the head's PATH, PITFALLS.md), the marker. Tests start their drivers with it
+        too (any name), so `stop` kills whatever of theirs is left."""
         env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", MARKER)}
         env |= {
             "RAY_AUTH_MODE": "disabled",
@@ -164,6 +166,10 @@ class RayNodes:
     def node_id(self, name: str) -> str:
         """The GCS node id (hex) of node `name` as last started ('head' for the head)."""
         return self._ids[name]
+
+    def session_id(self, name: str) -> int:
+        """The pid of node `name`'s `ray start`: the id of its session and process group."""
+        return self._procs[name].pid
 
     def kill_node(self, name: str, timeout_s: float = 30.0) -> None:
         """SIGKILL every process of node `name` (its `ray start`, raylet, agents and the workers
@@ -234,12 +240,7 @@ class RayNodes:
                    "--temp-dir", str(self.temp_dir), "--ray-client-server-port", str(free_port()),
                    "--include-dashboard", str(self.dashboard).lower()]  # fmt: skip
             if self.dashboard:
-                cmd += [
-                    "--dashboard-host",
-                    "127.0.0.1",
-                    "--dashboard-port",
-                    str(self.dashboard_port),
-                ]
+                cmd += ["--dashboard-host", "127.0.0.1", "--dashboard-port", str(self.dashboard_port)]  # fmt: skip
         else:
             # --temp-dir is the head's only: the other nodes use the head's (PITFALLS.md)
             cmd = ["--address", self.address, "--num-cpus", str(self.nodes[name]),

@@ -1,6 +1,7 @@
 """Ingest into an object-store root (`s3://bucket/prefix` on a moto S3 server on 127.0.0.1) works as a
 local root does: committed shards in the bucket, incremental runs, retries, lost shards, dry runs,
-and nothing left in the working folder or in the node's scratch.
+and nothing left in the working folder or in the node's scratch. The shard committer is also tested
+on its own (no server).
 
 One S3 server per module; each test has its own bucket. The synthetic images are served by an
 `ImageServer` on 127.0.0.1 (`allow_private_hosts`). MLflow goes to a sqlite file under the test's
@@ -23,6 +24,7 @@ import pytest
 from pipelines import ingest, rawcommit
 from pipelines.catalog import Catalog
 from pipelines.synthetic import ImageServer, make_images, write_url_list
+from pipelines.urllists import UrlTable
 from tests.chain import seedpipe_exe, user_env
 from tests.s3_server import S3Server
 
@@ -252,3 +254,72 @@ def test_console_script_ingests_a_list_in_the_bucket(s3, store, tmp_path):
     assert [s["uri"] for s in manifest["sources"].values()] == [list_uri]
     assert list(workdir.iterdir()) == []
     assert _no_staging_left(scratch)
+
+
+def _stage_shard(staged: Path, sid: str, table: UrlTable, *, stats: str | None) -> None:
+    """Write what img2dataset leaves for a shard of `table`'s rows: tar, parquet, stats file."""
+    import hashlib
+
+    import pyarrow as pa
+
+    staged.mkdir(parents=True, exist_ok=True)
+    keys = [f"{sid}{i:04d}" for i in range(len(table))]
+    with tarfile.open(staged / f"{sid}.tar", "w") as tf:
+        for key in keys:
+            info = tarfile.TarInfo(f"{key}.jpg")
+            info.size = 3
+            tf.addfile(info, io.BytesIO(b"jpg"))
+    pq.write_table(pa.table({
+        "key": keys, "uid": table.uid, "status": ["success"] * len(keys),
+        "error_message": [None] * len(keys), "sha256": [hashlib.sha256(b"jpg").hexdigest()] * len(keys),
+    }), staged / f"{sid}.parquet")  # fmt: skip
+    if stats is not None:
+        (staged / f"{sid}_stats.json").write_text(stats)
+
+
+def test_committer_commits_each_shard_once_img2dataset_has_finished_it(tmp_path, monkeypatch):
+    """While the download runs, a staged shard is committed as soon as its stats file is complete
+    (its staged tar and parquet are then gone, the stats file stays for img2dataset's logger); a
+    half-written stats file waits; after the download, a shard without one fails into `_failed/`;
+    an error while committing is raised when the download ends."""
+    import time
+
+    catalog = Catalog(tmp_path / "root")
+    raw, staged = catalog.raw_dir("unit"), tmp_path / "staged"
+    table = UrlTable()
+    for i in range(6):
+        table.add(f"http://example.org/{i}.jpg", f"caption {i}")
+    result = ingest.IngestResult(corpus="unit", raw_dir=raw, status="", message="")
+    committer = rawcommit.ShardCommitter(catalog, raw, staged, table, result, 7, 2)
+    done = '{"start_time": 1.0, "end_time": 2.0}'
+    with committer.watching(every_s=0.02):
+        _stage_shard(staged, "00008", table.subset([i in (2, 3) for i in range(6)]), stats=done)
+        _stage_shard(staged, "00007", table.subset([i < 2 for i in range(6)]), stats=done[:10])
+        deadline = time.monotonic() + 20
+        while "00008" not in catalog.committed(raw) and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert sorted(catalog.committed(raw)) == ["00008"]  # 00007's stats is still being written
+        assert sorted(p.name for p in staged.iterdir() if p.name.startswith("00008")) == [
+            "00008_stats.json"
+        ]
+    committer.finish()
+    assert result.new_shards == ["00008"] and result.successes == 2
+    assert list(result.failed_shards) == ["00007", "00009"]
+    assert committer.failures == {"shard_failed": 4}
+    assert sorted(Path(raw, "_failed").iterdir()) == [
+        Path(raw, "_failed", n) for n in ("00007.parquet", "00007.tar", "00007_stats.json")
+    ]
+    record = catalog.read_record(raw, "00008")
+    assert record.file_sizes["00008.tar"] == Path(raw, "00008.tar").stat().st_size
+
+    def store_down(*args, **kwargs):
+        raise OSError("store unreachable")
+
+    monkeypatch.setattr(rawcommit, "put_staged", store_down)
+    failing = rawcommit.ShardCommitter(catalog, raw, staged, table, result, 10, 6)
+    with pytest.raises(OSError, match="store unreachable"), failing.watching(every_s=0.02):
+        _stage_shard(staged, "00010", table, stats=done)
+        deadline = time.monotonic() + 20
+        while failing.error is None and time.monotonic() < deadline:
+            time.sleep(0.02)
+    assert "00010" not in catalog.committed(raw)

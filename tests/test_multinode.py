@@ -12,8 +12,11 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
+import sys
 import time
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
@@ -172,7 +175,7 @@ def error_lines(proc: subprocess.CompletedProcess[str]) -> list[str]:
     return [line for line in proc.stderr.splitlines() if line.startswith("error:")]
 
 
-def train_workers(cluster: RayNodes) -> dict[str, str]:
+def train_workers(cluster: RayNodes) -> dict[str, str | None]:
     """Every Ray Train worker actor the cluster has seen (dead ones too): actor id -> node id."""
     from ray.util.state import list_actors
 
@@ -202,7 +205,7 @@ def test_strict_spread_puts_one_worker_on_each_node_and_the_job_finishes(
                     "scaling.placement_strategy=STRICT_SPREAD", timeout_s=600)  # fmt: skip
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
     workers = {k: v for k, v in train_workers(cluster).items() if k not in before}
-    assert sorted(workers.values()) == sorted(
+    assert Counter(workers.values()) == Counter(
         [cluster.node_id("node_a"), cluster.node_id("node_b")]
     )
     groups = cluster.query(PLACEMENT_GROUPS)
@@ -252,3 +255,46 @@ def test_without_the_preflight_the_schedule_bound_ends_the_wait_in_one_line(
         "scaling.schedule_timeout_s=10 s; cluster 3 nodes: 1 x {CPU: 0}, 2 x {CPU: 1}; free now"
     ), line
     assert seconds < 150, f"{seconds:.0f} s"
+
+
+# Holds an actor on node_b (a worker process the raylet starts in a process group of its own)
+# and prints its pid and process group.
+HOLD_NODE_B = """
+import os, sys, time
+import ray
+ray.init(address=sys.argv[1], log_to_driver=False, logging_level="ERROR")
+@ray.remote(num_cpus=0, resources={"node_b": 0.01})
+class Holder:
+    def where(self):
+        return os.getpid(), os.getpgid(0)
+print(*ray.get(Holder.remote().where.remote()), flush=True)
+time.sleep(600)
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)  # last in the module: it kills node_b, then brings it back
+def test_a_killed_node_takes_its_workers_along_and_restarts_as_a_new_node(
+    cluster: RayNodes,
+) -> None:
+    """kill_node("node_b") SIGKILLs its worker processes too, though they escaped the node's
+    process group; restart_node brings node_b back alive under a new node id."""
+    import psutil
+
+    holder = subprocess.Popen([sys.executable, "-c", HOLD_NODE_B, cluster.address], env=cluster.env("driver"),
+                              stdout=subprocess.PIPE, text=True, start_new_session=True)  # fmt: skip
+    try:
+        assert holder.stdout is not None
+        pid, group = map(int, holder.stdout.readline().split())
+        # why the harness does not kill by process group alone
+        assert group != cluster.session_id("node_b")
+        old = cluster.node_id("node_b")
+        cluster.kill_node("node_b")
+        assert not psutil.pid_exists(pid) or psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
+        new = cluster.restart_node("node_b")
+        assert new != old and cluster.node_id("node_b") == new
+        alive = cluster.query("reply([n['NodeID'] for n in ray.nodes() if n['Alive']])")
+        assert new in alive and cluster.node_id("node_a") in alive
+    finally:
+        os.killpg(holder.pid, signal.SIGKILL)
+        holder.wait()

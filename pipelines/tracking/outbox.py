@@ -45,7 +45,7 @@ from pipelines.tracking.rundir import (
     read_state,
     write_atomic,
 )
-from pipelines.tracking.store import find_or_create_run, is_transient, mlflow_client
+from pipelines.tracking.store import auth_status, find_or_create_run, is_transient, mlflow_client
 
 logger = logging.getLogger(__name__)
 
@@ -260,7 +260,7 @@ class Outbox:
                 try:
                     self._send(ops)
                 except Exception as exc:
-                    if is_transient(exc):
+                    if _keep_queued(exc):
                         raise
                     # rejected: find the culprit(s), one op at a time
                     for op in ops:
@@ -271,7 +271,7 @@ class Outbox:
                             else:
                                 self._reject(op, exc)
                         except Exception as exc1:
-                            if is_transient(exc1):
+                            if _keep_queued(exc1):
                                 raise
                             self._reject(op, exc1)
                         self.pop()
@@ -280,13 +280,20 @@ class Outbox:
                     for _ in ops:
                         self.pop()
         except Exception as exc:
-            if not is_transient(exc):
+            if not _keep_queued(exc):
                 raise
             error = exc
             self.needs_sync = True
         finally:
             self.persist()
         return error
+
+
+def _keep_queued(exc: BaseException) -> bool:
+    """A failure that says nothing about the ops themselves: the server is down (transient), or it
+    refused this process's credentials (401/403: a rotated password, a missing grant). The ops stay
+    queued for a later delivery with working credentials instead of being set aside as rejected."""
+    return is_transient(exc) or auth_status(exc) is not None
 
 
 def replay_fallback(run_dir: str | Path, tracking_uri: str | None = None, *,

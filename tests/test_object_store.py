@@ -1,0 +1,204 @@
+"""The README chain on an object-store root, as a cluster user runs it.
+
+A real S3 API server (moto's, tests/s3_server.py) and a real `mlflow server` whose artifacts are in
+the same bucket, both on 127.0.0.1; the installed `seedpipe` console script, each command a
+subprocess from a fresh empty folder, with `--root s3://seed/seed-data`, `MLFLOW_TRACKING_URI` set
+to the server and the AWS variables for the endpoint: ingest (img2dataset from a loopback HTTP
+server), features, stage 1, qembeds, stage 2, tokenize, LoRA, then evaluate, lineage and status; a
+killed and resumed job whose checkpoint is in the bucket. Each subprocess gets its own HOME and
+TMPDIR and a Ray temp dir inside that TMPDIR, so the test sees every byte written outside the
+store: the working folder must stay empty, and HOME and TMPDIR hold nothing but Ray's temp dir
+(where this node's throwaway scratch lives: `pipelines.storage.scratch_dir`).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+
+from pipelines.synthetic import ImageServer, make_images, write_url_list
+from tests.chain import CORPUS, NUM_IMAGES, SAMPLES_PER_SHARD, seedpipe_exe, steps
+from tests.mlflow_server import MlflowServer
+from tests.s3_server import S3Server
+
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(3000)]
+BUCKET = "seed"
+ROOT = f"s3://{BUCKET}/seed-data"
+PREFIX = "seed-data/"
+STEP_TIMEOUT_S = 900
+
+
+@dataclass
+class StoreChain:
+    s3: S3Server
+    mlflow: MlflowServer
+    base: Path
+    env: dict[str, str]
+    workdir: Path
+    logs: dict[str, str] = field(default_factory=dict)
+    seconds: dict[str, float] = field(default_factory=dict)
+
+    def run(self, name: str, argv: list[str], *, check: bool = True, env: dict | None = None):
+        start = time.monotonic()
+        proc = subprocess.run([seedpipe_exe(), *argv], cwd=self.workdir, env=env or self.env,
+                              capture_output=True, text=True, timeout=STEP_TIMEOUT_S)  # fmt: skip
+        self.seconds[name] = time.monotonic() - start
+        self.logs[name] = proc.stdout + proc.stderr
+        if check:
+            assert proc.returncode == 0, (
+                f"`seedpipe {' '.join(argv)}` exited {proc.returncode}:\n{self.logs[name][-4000:]}"
+            )
+        return proc
+
+    def keys(self, prefix: str = PREFIX) -> list[str]:
+        return self.s3.keys(BUCKET, prefix)
+
+
+def isolated_env(base: Path, s3: S3Server, tracking_uri: str) -> dict[str, str]:
+    """A cluster user's shell: the store's variables, the tracking server, and (for the test's
+    eyes) a HOME and TMPDIR of its own, Ray's temp dir inside that TMPDIR."""
+    home, tmp = base / "home", base / "tmp"
+    home.mkdir()
+    tmp.mkdir()
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("MLFLOW_TRACKING_URI", "RAY_ADDRESS", "PYTHONPATH", "SEEDPIPE_SCRATCH")}  # fmt: skip
+    env.update(s3.env())
+    env.update(HOME=str(home), TMPDIR=str(tmp), RAY_TMPDIR=str(tmp / "ray"),
+               MLFLOW_TRACKING_URI=tracking_uri)  # fmt: skip
+    return env
+
+
+@pytest.fixture(scope="module")
+def store_chain(tmp_path_factory):
+    """The README chain on `s3://seed/seed-data`, built once for this module's tests."""
+    # a short base: Ray's unix sockets live under RAY_TMPDIR (a 107-byte path limit)
+    base = tmp_path_factory.mktemp("s3c")
+    s3 = S3Server(base)
+    s3.start()
+    s3.create_bucket(BUCKET)
+    server_dir = base / "mlflow"
+    server_dir.mkdir()
+    mlflow = MlflowServer(server_dir, artifacts_destination=f"s3://{BUCKET}/mlartifacts",
+                          env=s3.env())  # fmt: skip
+    try:
+        mlflow.start()
+        workdir = base / "user"
+        workdir.mkdir()
+        chain = StoreChain(s3=s3, mlflow=mlflow, base=base, workdir=workdir,
+                           env=isolated_env(base, s3, mlflow.uri))  # fmt: skip
+        inputs = base / "inputs"
+        inputs.mkdir()
+        url_list = inputs / "urls.tsv"
+        images = make_images(NUM_IMAGES, seed=0)
+        with ImageServer(images) as server:
+            write_url_list(url_list, [(server.image_url(n), c) for n, _, c in images], "tsv")
+            for name, argv in steps(ROOT):
+                chain.run(name, [str(url_list) if a == "URLS" else a for a in argv])
+        yield chain
+    finally:
+        mlflow.stop()
+        s3.stop()
+
+
+def test_every_readme_step_commits_its_data_in_the_bucket(store_chain):
+    """Ingest .. LoRA on an s3:// root: every stage's shards and completion records, the manifest,
+    the run folders with their configs, Ray Train's checkpoints, the exports and the registered
+    models' artifacts are objects in the bucket."""
+    keys = set(store_chain.keys())
+    corpus = f"{PREFIX}corpora/{CORPUS}"
+    num_shards = NUM_IMAGES // SAMPLES_PER_SHARD
+    for sid in (f"{i:05d}" for i in range(num_shards)):
+        assert {f"{corpus}/raw/{sid}.tar", f"{corpus}/raw/{sid}.done.json"} <= keys
+        for stage in ("features", "qembeds", "tokens"):
+            assert any(k.startswith(f"{corpus}/{stage}/") and k.endswith(f"/{sid}.done.json")
+                       for k in keys), (stage, sid)  # fmt: skip
+    for job in ("stage1", "stage2", "lora"):
+        run = f"{PREFIX}runs/{job}-{CORPUS}"
+        assert {f"{run}/config.yaml", f"{run}/registered_model.json", f"{run}/mlflow_run_id",
+                f"{run}/metrics.jsonl"} <= keys, job  # fmt: skip
+        assert any(k.startswith(f"{run}/export/") for k in keys), job
+        # Ray Train's checkpoints, in the store (the resolved config inside each)
+        assert any(k.startswith(f"{run}/step") and k.endswith("/config.yaml") for k in keys), job
+    assert any(k.startswith(f"{PREFIX}runs/stages/ingest-{CORPUS}") for k in keys)
+    artifacts = store_chain.s3.keys(BUCKET, "mlartifacts/")
+    assert any(k.endswith("MLmodel") for k in artifacts), "registered models' artifacts"
+
+
+def test_nothing_is_written_outside_the_store_and_rays_temp_dir(store_chain):
+    """After the whole chain the working folder is empty, and HOME and TMPDIR hold nothing but
+    Ray's temp dir (where each node's throwaway scratch lives)."""
+    assert sorted(os.listdir(store_chain.workdir)) == []
+    tmp = Path(store_chain.env["TMPDIR"])
+    assert sorted(os.listdir(tmp)) == ["ray"]
+    home = Path(store_chain.env["HOME"])
+    written = sorted(str(p.relative_to(home)) for p in home.rglob("*") if p.is_file())
+    assert written == [], written
+
+
+def test_evaluate_lineage_and_status_read_the_store(store_chain):
+    """evaluate scores the registered models on the held-out split, lineage walks the LoRA model
+    back to the URL list, status sees every dataset up to date; all on the s3:// root."""
+    out = store_chain.base / "eval.json"
+    store_chain.run("evaluate", ["evaluate", "--root", ROOT, "--corpus", CORPUS, "--tokenizer",
+                                 "models:/seed-tokenizer/1", "--lora", "models:/seed-lora/1",
+                                 "--json", str(out)])  # fmt: skip
+    metrics = json.loads(out.read_text())
+    metrics = metrics.get("metrics", metrics)
+    assert "i2t_r1_codes" in metrics and "caption_bleu4" in metrics
+    lineage = store_chain.run("lineage", ["lineage", "models:/seed-lora/1", "--root", ROOT]).stdout
+    assert "url-list" in lineage and f"{CORPUS}/raw" in lineage
+    status = store_chain.run("status", ["status", "--root", ROOT]).stdout
+    assert "features/tiny" in status and "stale" not in status.split("registered")[0]
+    assert sorted(os.listdir(store_chain.workdir)) == []
+
+
+def test_killed_worker_resumes_from_its_checkpoint_in_the_bucket(store_chain):
+    """Rank 1 SIGKILLed at step 7 of a stage-1 run on the s3:// root: the job resumes from the
+    step-5 checkpoint Ray Train wrote to the bucket and finishes; MLflow has each step 1..12 once."""
+    from mlflow import MlflowClient
+
+    store_chain.run("killed", ["train-tokenizer", "--stage", "1", "--config", "tiny_stage1",
+                               "--root", ROOT, "--corpus", CORPUS, "run.name=killed",
+                               "fault.kill_at_step=7", "fault.rank=1",
+                               "register_as=seed-tokenizer-stage1-killed"])  # fmt: skip
+    keys = set(store_chain.keys(f"{PREFIX}runs/killed/"))
+    assert f"{PREFIX}runs/killed/fault_injected_step7" in keys  # the kill really happened
+    assert any("/step00000005/" in k for k in keys)
+    os.environ.update(store_chain.s3.env())  # the client below reads the run from the server
+    client = MlflowClient(store_chain.mlflow.uri)
+    run_id = next(k for k in keys if k.endswith("/mlflow_run_id"))
+    run_id = store_chain.s3.client().get_object(Bucket=BUCKET, Key=run_id)["Body"].read().decode()
+    steps_logged = Counter(m.step for m in client.get_metric_history(run_id.strip(), "loss"))
+    assert steps_logged == Counter(range(1, 13))
+
+
+def test_an_object_store_root_without_a_tracking_server_is_one_error_line(tmp_path):
+    """`--root s3://...` with MLFLOW_TRACKING_URI unset: exit 2 and one `error:` line naming what to
+    set, before any work (nothing written in the bucket or the working folder)."""
+    s3 = S3Server(tmp_path)
+    s3.start()
+    try:
+        s3.create_bucket(BUCKET)
+        env = isolated_env(tmp_path, s3, "unused")
+        env.pop("MLFLOW_TRACKING_URI")
+        work = tmp_path / "user"
+        work.mkdir()
+        for argv in (["features", "--root", ROOT, "--corpus", "c", "--encoder", "tiny"],
+                     ["train-tokenizer", "--stage", "1", "--config", "tiny_stage1", "--root", ROOT,
+                      "--corpus", "c"],
+                     ["ingest", "--root", ROOT, "--corpus", "c", "--url-list", str(tmp_path)]):  # fmt: skip
+            proc = subprocess.run([seedpipe_exe(), *argv], cwd=work, env=env, capture_output=True,
+                                  text=True, timeout=120)  # fmt: skip
+            assert proc.returncode == 2, proc.stderr[-2000:]
+            errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+            assert len(errors) == 1 and "MLFLOW_TRACKING_URI" in errors[0], proc.stderr[-2000:]
+        assert s3.keys(BUCKET) == [] and os.listdir(work) == []
+    finally:
+        s3.stop()
