@@ -34,9 +34,10 @@ class ScalingSettings:
     possible), SPREAD (over as many nodes as possible, best effort) or STRICT_SPREAD (each on its
     own node, or not at all)."""
     schedule_timeout_s: float = 600.0
-    """How long each start of the worker group (the first and every restart) may wait for its
-    resources before the run fails with one line saying what it asked for and what the cluster
-    has (`jobs.scheduling.bounded_start`); 0 waits for ever, as Ray Train does by default."""
+    """How long each start of a fixed-size worker group (the first and every restart) may wait
+    for its resources before the run fails with one line saying what it asked for and what the
+    cluster has (`jobs.scheduling.bounded_start`); 0 waits for ever, as Ray Train does. An
+    elastic group waits as Ray Train's elastic policy does (it logs the shortfall)."""
     preflight: bool = True
     """Before launching, fail at once if the cluster's nodes, as they are, cannot hold the
     workers (`jobs.scheduling.preflight`). Turn off on an autoscaling cluster, whose nodes join

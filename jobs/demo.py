@@ -5,7 +5,11 @@
 
 One process and one local Ray (`cli_common.ensure_ray`, started by the first step with work and
 reused by every later one); the embedded MLflow store `<root>/mlflow.db` (or MLFLOW_TRACKING_URI
-when set); nothing written outside `--root`. The steps are the README's commands, called in-process
+when set); nothing written outside `--root` but this node's throwaway scratch. `--root` may be an
+object-store URI (`s3://bucket/prefix`, with MLFLOW_TRACKING_URI set to a tracking server): the
+demo's own files (`<root>/demo/`: state, summary, evaluation, URL list, samples, step logs) are a
+`pipelines.storage.RunFolder` like every run folder, written in its node-local mirror and pushed to
+the store; on a local root the mirror is the folder itself. The steps are the README's commands, called in-process
 (`run(config)` of the data stages, `main(argv)` of ingest, the jobs and evaluate):
 
     ingest    the compositional corpus (`pipelines.synthetic.make_scenes`: shapes x colours x
@@ -38,6 +42,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import json
 import os
 import shutil
@@ -50,6 +55,7 @@ from typing import IO, Any
 
 from jobs.demo_report import loss_text, losses, report, summary
 from pipelines.config import cli_main, parse_command
+from pipelines.storage import REMOTE_URI_FILE, RunFolder, filesystem, is_remote, join_uri, scratch_dir
 
 OFFLINE_ENV = {
     "HF_HUB_OFFLINE": "1",
@@ -94,7 +100,7 @@ class DemoConfig:
     lora_steps: int = 0
     """LoRA optimizer steps (0: the config's)."""
     fresh: bool = False
-    """Delete the demo root first (only a folder the demo made, or an empty one)."""
+    """Delete the demo root first (only a folder or prefix the demo made, or an empty one)."""
     verbose: bool = False
     """Show every step's own output instead of writing it to <root>/demo/logs/."""
     dry_run: bool = False
@@ -142,9 +148,8 @@ class Demo:
         self.config = config
         self.out = out
         """Where progress lines go: the terminal, also while a step's own output is captured."""
-        self.root = Path(config.root).expanduser().resolve()
-        self.catalog = Catalog(str(self.root))
-        self.demo_dir = self.root / "demo"
+        self.root = root_uri(config.root)
+        self.catalog = Catalog(self.root)
         self.results: list[StepResult] = []
         self.models: dict[str, str] = {}
         """stage1, tokenizer, lora -> models:/ URI."""
@@ -154,34 +159,57 @@ class Demo:
         self.evaluation: dict[str, Any] = {}
 
     # ---- bookkeeping -----------------------------------------------------------------------
+    @functools.cached_property
+    def folder(self) -> RunFolder:
+        """`<root>/demo`: made on first use, so that `--fresh` and `--dry-run` come first."""
+        return RunFolder(join_uri(self.root, "demo"))
+
+    def location(self, name: str) -> str:
+        """Where `<root>/demo/<name>` is, as the user is told (the store URI on an object store)."""
+        return self.folder.uri_of(name)
+
     def say(self, text: str) -> None:
         sys.stdout.flush()
         print(text, file=self.out, flush=True)
 
     def state(self) -> dict[str, Any]:
-        path = self.demo_dir / STATE_FILE
-        return json.loads(path.read_text()) if path.is_file() else {}
+        text = self.folder.read_text(STATE_FILE)
+        return json.loads(text) if text else {}
 
     def save_state(self, **updates: Any) -> None:
-        self.demo_dir.mkdir(parents=True, exist_ok=True)
-        (self.demo_dir / STATE_FILE).write_text(
-            json.dumps(self.state() | updates, indent=2, sort_keys=True)
-        )
+        self.folder.write_text(STATE_FILE, json.dumps(self.state() | updates, indent=2, sort_keys=True))
+
+    @contextlib.contextmanager
+    def captured(self, name: str) -> Iterator[Path]:
+        """Output into the log `<root>/demo/<name>`, appended to earlier runs' as on a local root
+        (the store's copy first: a mirror may be stale or gone), pushed to the store afterwards,
+        failure or not. Yields the mirror's copy (what a failure's tail is read from)."""
+        log = self.folder.local / name
+        if self.folder.remote and not self.config.verbose and not self.folder.pull(name):
+            log.unlink(missing_ok=True)
+        try:
+            with _captured(log, self.config.verbose):
+                yield log
+        finally:
+            if not self.config.verbose and log.is_file():
+                self.folder.push(name)
 
     def step(self, name: str, what: str, fn: Callable[[], StepResult]) -> StepResult:
         """One step: a start line, its own output captured into its log, an end line with its time."""
         tag = f"[{STEPS.index(name) + 1}/{len(STEPS)}] {name:9s}"
-        log = self.demo_dir / "logs" / f"{STEPS.index(name) + 1}-{name}.log"
+        log_name = f"logs/{STEPS.index(name) + 1}-{name}.log"
         self.say(f"{tag} {what}")
         start = time.monotonic()
         try:
-            with _captured(log, self.config.verbose):
+            with self.captured(log_name):
                 result = fn()
         except Exception as err:
             self.say(f"{tag} FAILED after {time.monotonic() - start:.1f} s: {err}")
+            log = self.folder.local / log_name
             if not self.config.verbose and log.is_file() and not isinstance(err, ValueError):
                 tail = log.read_text(errors="replace").splitlines()[-40:]
-                self.say(f"  last lines of {log}:\n" + "\n".join(f"  | {line}" for line in tail))
+                self.say(f"  last lines of {self.location(log_name)}:\n"
+                         + "\n".join(f"  | {line}" for line in tail))  # fmt: skip
             raise
         result.seconds = time.monotonic() - start
         self.results.append(result)
@@ -192,7 +220,7 @@ class Demo:
         return result
 
     def common(self) -> list[str]:
-        return ["--root", str(self.root), "--corpus", self.config.corpus] + (
+        return ["--root", self.root, "--corpus", self.config.corpus] + (
             ["--address", self.config.address] if self.config.address else [])  # fmt: skip
 
     # ---- steps -----------------------------------------------------------------------------
@@ -218,10 +246,12 @@ class Demo:
             raise ValueError(f"corpus {c.corpus!r} in {self.root} was not made with these settings "
                              f"({spec}): run with --fresh, or choose another --root or --corpus")  # fmt: skip
         images = make_scenes(c.num_images, seed=c.seed, size=c.image_size, factors=SceneFactors())
-        url_list = self.demo_dir / f"{c.corpus}-urls.tsv"
+        url_list = f"{c.corpus}-urls.tsv"
         with ImageServer(images) as server:
-            write_url_list(url_list, [(server.image_url(n), text) for n, _, text in images], "tsv")
-            code = ingest.main([*self.common(), "--url-list", str(url_list), "--allow-private-hosts",
+            write_url_list(self.folder.local / url_list,
+                           [(server.image_url(n), text) for n, _, text in images], "tsv")  # fmt: skip
+            self.folder.push(url_list)  # the ingest (and its lineage) names the store's copy
+            code = ingest.main([*self.common(), "--url-list", self.location(url_list), "--allow-private-hosts",
                                 "--samples-per-shard", str(c.samples_per_shard), "--image-size", str(c.image_size),
                                 "--processes", str(c.download_processes)])  # fmt: skip
         if code != 0:
@@ -238,13 +268,22 @@ class Demo:
         """A few new scenes (drawn with another seed) to try `seedpipe caption` on."""
         from pipelines.synthetic import SceneFactors, make_scenes
 
-        samples = self.demo_dir / "samples"
+        samples = self.folder.local / "samples"
         samples.mkdir(parents=True, exist_ok=True)
         scenes = make_scenes(
             n, seed=self.config.seed + 10_000, size=self.config.image_size, factors=SceneFactors()
         )
         for i, (_, data, caption) in enumerate(scenes):
             (samples / f"{i}-{caption.replace(' ', '_')}.jpg").write_bytes(data)
+        self.folder.push("samples")
+
+    def samples(self) -> list[Path]:
+        """The sample images as local files (`seedpipe caption` reads local files): on an object
+        store, this node's copy, fetched when a rerun found the corpus up to date without one."""
+        local = self.folder.local / "samples"
+        if self.folder.remote and not any(local.glob("*.jpg")):
+            self.folder.pull("samples")
+        return sorted(local.glob("*.jpg"))
 
     def stage(self, name: str, module: Any, config_cls: type, argv: list[str]) -> StepResult:
         """A data stage through its own grammar and its typed `run`; its plan says what was built."""
@@ -327,7 +366,7 @@ class Demo:
         from pipelines import config as cfg
         from pipelines.catalog import sha256_text
 
-        scratch = self.demo_dir / "scratch" / job.name
+        scratch = self.folder.local / "scratch" / job.name  # never pushed: deleted below
         shutil.rmtree(scratch, ignore_errors=True)
         try:
             probe = dataclasses.replace(
@@ -352,19 +391,23 @@ class Demo:
             *(f"{k}={self.models[k]}@{self.digests[k]}" for k in ("tokenizer", "lora")),
             features.digest,
         )
-        path = self.demo_dir / "evaluation.json"
-        if self.state().get("evaluation_key") == key and path.is_file():
-            self.evaluation = json.loads(path.read_text())
-            return StepResult("evaluate", 0, "reused", f"{path} (same models and features)")
+        name, path = "evaluation.json", self.folder.local / "evaluation.json"
+        where = self.location(name)
+        earlier = self.folder.read_text(name) if self.state().get("evaluation_key") == key else None
+        if earlier:
+            self.evaluation = json.loads(earlier)
+            return StepResult("evaluate", 0, "reused", f"{where} (same models and features)")
+        # evaluate writes --json to a local file: the mirror's, then pushed
         code = evaluate.main([*self.common(), "--tokenizer", self.models["tokenizer"], "--lora", self.models["lora"],
                               "--json", str(path)])  # fmt: skip
         if code != 0 or not path.is_file():
             raise StepFailed(f"seedpipe evaluate exited {code}")
+        self.folder.push(name)
         self.evaluation = json.loads(path.read_text())
         self.save_state(evaluation_key=key)
         split = self.evaluation.get("split", {})
         return StepResult("evaluate", 0, "measured", f"{split.get('rows', '?')} held-out images, "
-                          f"{split.get('captions', '?')} distinct captions, {path}")  # fmt: skip
+                          f"{split.get('captions', '?')} distinct captions, {where}")  # fmt: skip
 
     def run(self) -> None:
         from jobs import train_lora, train_tokenizer
@@ -427,15 +470,46 @@ def _captured(log: Path, verbose: bool) -> Iterator[None]:
                 os.close(copy)
 
 
-def _fresh(root: Path) -> None:
-    """Delete a demo root: only a folder the demo made (it holds demo/state.json) or an empty one."""
-    if not root.exists():
+def root_uri(root: str) -> str:
+    """The root as every step is given it: an object-store URI as it is, a local path absolute."""
+    return root.rstrip("/") if is_remote(root) else str(Path(root).expanduser().resolve())
+
+
+def _fresh(root: str) -> None:
+    """Delete a demo root: only a folder (or store prefix) the demo made (it holds
+    demo/state.json) or an empty one; through the root's filesystem."""
+    import pyarrow.fs as pafs
+
+    fs, path = filesystem(root)
+    kind = fs.get_file_info(path).type
+    if kind == pafs.FileType.NotFound:
         return
-    if not root.is_dir() or (any(root.iterdir()) and not (root / "demo" / STATE_FILE).is_file()):
+    made = fs.get_file_info(f"{path}/demo/{STATE_FILE}").type == pafs.FileType.File
+    if kind != pafs.FileType.Directory or (
+        not made and fs.get_file_info(pafs.FileSelector(path, allow_not_found=True))
+    ):
         raise ValueError(
             f"--fresh: {root} is not a folder made by `seedpipe demo` (no demo/{STATE_FILE}); not deleting it"
         )
-    shutil.rmtree(root)
+    if not is_remote(root):
+        shutil.rmtree(path)
+        return
+    fs.delete_dir_contents(path)  # not delete_dir: the root may be a whole bucket
+    _forget_local_copies(root)
+
+
+def _forget_local_copies(root: str) -> None:
+    """This node's mirrors and fetched copies of folders under a deleted store root. They are a
+    cache, but one that would outlive the root: the new run folders get the same names (a job's run
+    is named by the digest of its config and inputs), and a mirror's stale `mlflow_run_id` or
+    metrics would be taken for theirs (`RunFolder.pull` keeps the local file when the store has none)."""
+    prefix = root.rstrip("/") + "/"
+    for marker, folder in [(m, m.parent) for m in scratch_dir("runs").glob(f"*/*/{REMOTE_URI_FILE}")] + [
+        (m, m.parent) for m in scratch_dir("fetched").glob("*/.complete")
+    ]:  # fmt: skip
+        with contextlib.suppress(OSError):
+            if marker.read_text().strip().startswith(prefix):
+                shutil.rmtree(folder, ignore_errors=True)
 
 
 def _terminal() -> IO[str]:
@@ -465,7 +539,7 @@ def run_demo(config: DemoConfig, out: IO[str] | None = None) -> Demo:
     demo.save_state(made_by="seedpipe demo")
     started_ray = not ray.is_initialized()
     start = time.monotonic()
-    logs = "" if config.verbose else f"; each step's own output is in {demo.demo_dir / 'logs'}"
+    logs = "" if config.verbose else f"; each step's own output is in {demo.location('logs')}"
     demo.say(
         f"seedpipe demo: root {demo.root}, corpus {config.corpus} ({config.num_images} images){logs}"
     )
@@ -473,12 +547,10 @@ def run_demo(config: DemoConfig, out: IO[str] | None = None) -> Demo:
         demo.run()
     finally:
         if started_ray and ray.is_initialized():
-            with _captured(demo.demo_dir / "logs" / "ray-shutdown.log", config.verbose):
+            with demo.captured("logs/ray-shutdown.log"):
                 ray.shutdown()
     seconds = time.monotonic() - start
-    (demo.demo_dir / "summary.json").write_text(
-        json.dumps(summary(demo, seconds), indent=2, sort_keys=True)
-    )
+    demo.folder.write_text("summary.json", json.dumps(summary(demo, seconds), indent=2, sort_keys=True))
     demo.say(report(demo, seconds))
     return demo
 

@@ -37,16 +37,20 @@ def loss_text(losses: list[tuple[int, float]]) -> str:
 def next_commands(demo: Demo) -> list[str]:
     """The commands to try next: only those this build has."""
     from jobs.cli import DELEGATED
+    from pipelines.tracking import tracking_uri
 
     root, models, corpus = demo.config.root, demo.models, demo.config.corpus
-    samples = sorted((demo.demo_dir / "samples").glob("*.jpg"))
+    samples = demo.samples()
     prompt = (
         samples[-1].stem.split("-", 1)[1].replace("_", " ")
         if samples
         else "a red ring at the top left on a white background"
     )
+    store = tracking_uri(demo.catalog)
     wanted = [
-        ("ui", f"seedpipe ui --root {root}"),
+        # `seedpipe ui` serves a store it can open itself; a tracking server is its own UI
+        ("ui", f"open {store} (the tracking server's MLflow UI)" if store.startswith(("http://", "https://"))
+         else f"seedpipe ui --root {root}"),
         ("caption", f"seedpipe caption {' '.join(str(p) for p in samples[:2])} --root {root} --lora {models['lora']}"),
         ("generate", f'seedpipe generate "{prompt}" --root {root} --lora {models["lora"]}'),
         ("lineage", f"seedpipe lineage {models['lora']} --root {root}"),
@@ -58,6 +62,7 @@ def next_commands(demo: Demo) -> list[str]:
 def report(demo: Demo, seconds: float) -> str:
     """The closing report: results table, training losses, where things are, what to run next."""
     from jobs.eval_report import format_table
+    from pipelines.storage import join_uri
     from pipelines.tracking import tracking_uri
 
     ev, split = demo.evaluation, demo.evaluation.get("split", {})
@@ -77,12 +82,12 @@ def report(demo: Demo, seconds: float) -> str:
     reused = [r.name for r in demo.results if r.status not in DONE]
     lines += ["", f"demo finished in {seconds:.1f} s" + (f"; reused what was up to date: {', '.join(reused)}" if reused else ""),
               "", "where everything is:",
-              f"  corpus         {demo.catalog.corpus_dir(demo.config.corpus)}",
-              f"  runs           {demo.root / 'runs'}",
+              f"  corpus         {demo.catalog.location(demo.catalog.corpus_dir(demo.config.corpus))}",
+              f"  runs           {join_uri(demo.root, 'runs')}",
               f"  MLflow store   {tracking_uri(demo.catalog)}",
               "  models         " + ", ".join(f"{k} {v}" for k, v in demo.models.items()),
-              f"  results        {demo.demo_dir / 'evaluation.json'}",
-              f"  step logs      {demo.demo_dir / 'logs'}",
+              f"  results        {demo.location('evaluation.json')}",
+              f"  step logs      {demo.location('logs')}",
               "", "next:"]  # fmt: skip
     return "\n".join(lines + [f"  {command}" for command in next_commands(demo)])
 

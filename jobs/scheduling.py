@@ -12,8 +12,11 @@ A job must never wait for resources silently. Three ways it did or could:
   minute and tries again, for ever. `preflight` compares the workers' bundles and placement
   strategy with the nodes that exist and fails at once, naming both.
 - **Resources that exist but are not free** (another job holds them, a node is gone). The
-  `bounded_start` watchdog gives Ray Train `scaling.schedule_timeout_s` per start of the worker
-  group and makes the first time-out fatal, again with one line naming both.
+  `bounded_start` watchdog gives Ray Train `scaling.schedule_timeout_s` per start of a fixed-size
+  worker group and makes the first time-out fatal, again with one line naming both. An elastic
+  group (`[min, max]`) is left to Ray Train's elastic policy: it starts only at a size whose
+  resources it sees free (a start that times out is its cue to retry at another size, so it must
+  stay retryable), and while fewer than min fit it says so in the log every few minutes.
 
 No module-level ray import: `jobs.config` imports the strategy names from here.
 """
@@ -122,18 +125,26 @@ def preflight(config: TrainJobConfig) -> None:
         raise SchedulingError(reason)
 
 
+def bounded(scaling: ScalingSettings) -> bool:
+    """Whether the watchdog bounds this job's worker group starts: a fixed size and a bound."""
+    from jobs.elastic import worker_bounds
+
+    low, high = worker_bounds(scaling.num_workers)
+    return scaling.schedule_timeout_s > 0 and low == high
+
+
 def controller_failure_limit(scaling: ScalingSettings) -> int:
-    """`FailureConfig.controller_failure_limit`: with a schedule bound the first worker group
-    start that times out ends the run (Ray Train's default, -1, retries for ever)."""
-    return 0 if scaling.schedule_timeout_s > 0 else -1
+    """`FailureConfig.controller_failure_limit`: under the watchdog the first worker group start
+    that times out ends the run; else Ray Train's default, -1, retries for ever."""
+    return 0 if bounded(scaling) else -1
 
 
 @contextlib.contextmanager
 def bounded_start(scaling: ScalingSettings) -> Iterator[None]:
-    """Around `trainer.fit()`: each start of the worker group (the first and every restart)
-    waits at most `scaling.schedule_timeout_s` for its placement group, and a time-out becomes
-    one SchedulingError line naming what the job asked for and what the cluster has, free and in
-    all. Needs `controller_failure_limit(scaling)` in the run's FailureConfig."""
+    """Around `trainer.fit()`: each start of a fixed-size worker group (the first and every
+    restart) waits at most `scaling.schedule_timeout_s` for its placement group, and a time-out
+    becomes one SchedulingError line naming what the job asked for and what the cluster has,
+    free and in all. Needs `controller_failure_limit(scaling)` in the run's FailureConfig."""
     from ray.train import ControllerError
 
     # Internal to Ray Train 2.60, checked against its source: the controller's error for a
@@ -141,7 +152,7 @@ def bounded_start(scaling: ScalingSettings) -> Iterator[None]:
     from ray.train.v2._internal.exceptions import WorkerGroupStartupTimeoutError
 
     before = os.environ.get(START_TIMEOUT_ENV)
-    if scaling.schedule_timeout_s > 0:
+    if bounded(scaling):
         os.environ[START_TIMEOUT_ENV] = f"{scaling.schedule_timeout_s:g}"
     try:
         yield

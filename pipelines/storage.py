@@ -6,8 +6,8 @@
   nothing in seedpipe's configs is store-specific. Every catalog, run-folder and checkpoint read or
   write goes through it, never `open()` on a path string.
 - **Node-local scratch is a cache.** `scratch_dir(purpose)` is a folder on this node's own disk,
-  under Ray's temp dir (`RAY_TMPDIR`, else the system temp dir's `ray/`), or `SEEDPIPE_SCRATCH`
-  when set. What is there can be deleted at any time: staging before an upload, a run folder's local
+  `seedpipe-scratch/<host>/` under Ray's temp dir (`$RAY_TMPDIR/ray`, else `$TMPDIR/ray`, else
+  `/tmp/ray`, Ray's own rule), or `SEEDPIPE_SCRATCH` when set. What is there can be deleted at any time: staging before an upload, a run folder's local
   mirror, downloaded models. Nothing a node writes there is read by another node.
 - **A run folder on any root** (`RunFolder`): code reads and writes a node-local mirror (`.local`,
   a Path, so the libraries that want a directory get one) and `push`es what it wrote to the root's
@@ -20,7 +20,6 @@ from __future__ import annotations
 import hashlib
 import os
 import socket
-import tempfile
 from pathlib import Path
 
 import pyarrow.fs as pafs
@@ -52,9 +51,11 @@ def scratch_dir(purpose: str) -> Path:
     """This node's throwaway folder for `purpose` (created). See the module docstring."""
     base = os.environ.get("SEEDPIPE_SCRATCH")
     if not base:
-        ray_tmp = os.environ.get("RAY_TMPDIR") or str(Path(tempfile.gettempdir(), "ray"))
+        # Ray's own rule for its temp dir (ray._common.utils.get_default_ray_temp_dir), without
+        # importing Ray: RAY_TMPDIR, else TMPDIR, else /tmp; then "ray"
+        system = os.environ.get("RAY_TMPDIR") or os.environ.get("TMPDIR") or "/tmp"
         # one folder per host name: a shared /tmp (it happens) still never mixes two nodes' caches
-        base = str(Path(ray_tmp, "seedpipe-scratch", socket.gethostname()))
+        base = str(Path(system, "ray", "seedpipe-scratch", socket.gethostname()))
     path = Path(base, purpose)
     path.mkdir(parents=True, exist_ok=True)
     return path

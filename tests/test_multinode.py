@@ -85,15 +85,17 @@ def test_preflight_says_in_one_line_what_the_job_asks_and_what_the_cluster_has(
 
 @pytest.mark.timeout(60)
 def test_scaling_settings_validate_the_strategy_and_the_schedule_bound() -> None:
-    """An unknown placement strategy or a negative schedule bound fails naming its field."""
+    """An unknown placement strategy or a negative schedule bound fails naming its field; the
+    watchdog makes a start time-out fatal only for a fixed-size group with a bound."""
     assert ScalingSettings().placement_strategy == "PACK"  # Ray Train's own default
     with pytest.raises(ValueError, match="scaling.placement_strategy"):
         ScalingSettings(placement_strategy="SCATTER")
     with pytest.raises(ValueError, match="scaling.schedule_timeout_s"):
         ScalingSettings(schedule_timeout_s=-1)
-    bounded, unbounded = ScalingSettings(), ScalingSettings(schedule_timeout_s=0)
-    assert scheduling.controller_failure_limit(bounded) == 0
-    assert scheduling.controller_failure_limit(unbounded) == -1
+    # the watchdog bounds fixed-size groups; Ray Train's elastic policy retries at other sizes
+    assert scheduling.controller_failure_limit(ScalingSettings()) == 0
+    assert scheduling.controller_failure_limit(ScalingSettings(schedule_timeout_s=0)) == -1
+    assert scheduling.controller_failure_limit(ScalingSettings(num_workers=[1, 2])) == -1
 
 
 @pytest.mark.timeout(60)

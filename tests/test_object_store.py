@@ -15,7 +15,9 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
+import tempfile
 import time
 from collections import Counter
 from dataclasses import dataclass, field
@@ -61,16 +63,17 @@ class StoreChain:
         return self.s3.keys(BUCKET, prefix)
 
 
-def isolated_env(base: Path, s3: S3Server, tracking_uri: str) -> dict[str, str]:
+def isolated_env(base: Path, s3: S3Server, tracking_uri: str, ray_tmp: str) -> dict[str, str]:
     """A cluster user's shell: the store's variables, the tracking server, and (for the test's
-    eyes) a HOME and TMPDIR of its own, Ray's temp dir inside that TMPDIR."""
+    eyes) a HOME and a TMPDIR of its own, and Ray's temp dir under `ray_tmp` (short: Ray's unix
+    sockets live there, 107 bytes at most)."""
     home, tmp = base / "home", base / "tmp"
     home.mkdir()
     tmp.mkdir()
     env = {k: v for k, v in os.environ.items()
            if k not in ("MLFLOW_TRACKING_URI", "RAY_ADDRESS", "PYTHONPATH", "SEEDPIPE_SCRATCH")}  # fmt: skip
     env.update(s3.env())
-    env.update(HOME=str(home), TMPDIR=str(tmp), RAY_TMPDIR=str(tmp / "ray"),
+    env.update(HOME=str(home), TMPDIR=str(tmp), RAY_TMPDIR=ray_tmp,
                MLFLOW_TRACKING_URI=tracking_uri)  # fmt: skip
     return env
 
@@ -78,8 +81,8 @@ def isolated_env(base: Path, s3: S3Server, tracking_uri: str) -> dict[str, str]:
 @pytest.fixture(scope="module")
 def store_chain(tmp_path_factory):
     """The README chain on `s3://seed/seed-data`, built once for this module's tests."""
-    # a short base: Ray's unix sockets live under RAY_TMPDIR (a 107-byte path limit)
     base = tmp_path_factory.mktemp("s3c")
+    ray_tmp = tempfile.mkdtemp(prefix="s3r", dir="/tmp")
     s3 = S3Server(base)
     s3.start()
     s3.create_bucket(BUCKET)
@@ -92,7 +95,7 @@ def store_chain(tmp_path_factory):
         workdir = base / "user"
         workdir.mkdir()
         chain = StoreChain(s3=s3, mlflow=mlflow, base=base, workdir=workdir,
-                           env=isolated_env(base, s3, mlflow.uri))  # fmt: skip
+                           env=isolated_env(base, s3, mlflow.uri, ray_tmp))  # fmt: skip
         inputs = base / "inputs"
         inputs.mkdir()
         url_list = inputs / "urls.tsv"
@@ -105,6 +108,7 @@ def store_chain(tmp_path_factory):
     finally:
         mlflow.stop()
         s3.stop()
+        shutil.rmtree(ray_tmp, ignore_errors=True)
 
 
 def test_every_readme_step_commits_its_data_in_the_bucket(store_chain):
@@ -132,14 +136,14 @@ def test_every_readme_step_commits_its_data_in_the_bucket(store_chain):
 
 
 def test_nothing_is_written_outside_the_store_and_rays_temp_dir(store_chain):
-    """After the whole chain the working folder is empty, and HOME and TMPDIR hold nothing but
-    Ray's temp dir (where each node's throwaway scratch lives)."""
-    assert sorted(os.listdir(store_chain.workdir)) == []
-    tmp = Path(store_chain.env["TMPDIR"])
-    assert sorted(os.listdir(tmp)) == ["ray"]
-    home = Path(store_chain.env["HOME"])
-    written = sorted(str(p.relative_to(home)) for p in home.rglob("*") if p.is_file())
-    assert written == [], written
+    """After the whole chain the working folder, HOME and TMPDIR are empty: every byte outside the
+    bucket went to Ray's temp dir (where each node's throwaway scratch lives)."""
+    for folder in (store_chain.workdir, Path(store_chain.env["HOME"]),
+                   Path(store_chain.env["TMPDIR"])):  # fmt: skip
+        written = sorted(str(p.relative_to(folder)) for p in folder.rglob("*"))
+        assert written == [], (folder, written[:20])
+    scratch = Path(store_chain.env["RAY_TMPDIR"], "ray", "seedpipe-scratch")
+    assert scratch.is_dir()  # the mirrors and staging were there
 
 
 def test_evaluate_lineage_and_status_read_the_store(store_chain):
@@ -186,7 +190,7 @@ def test_an_object_store_root_without_a_tracking_server_is_one_error_line(tmp_pa
     s3.start()
     try:
         s3.create_bucket(BUCKET)
-        env = isolated_env(tmp_path, s3, "unused")
+        env = isolated_env(tmp_path, s3, "unused", str(tmp_path / "ray"))
         env.pop("MLFLOW_TRACKING_URI")
         work = tmp_path / "user"
         work.mkdir()
