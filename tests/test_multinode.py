@@ -17,8 +17,8 @@ import subprocess
 import sys
 import time
 from collections import Counter
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -147,7 +147,7 @@ def test_the_schedule_bound_is_set_for_the_fit_only_and_a_time_out_becomes_one_l
 
 
 @pytest.fixture(scope="module")
-def cluster(tmp_path_factory: pytest.TempPathFactory) -> Any:
+def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RayNodes]:
     """A head without CPUs (with the dashboard, for the state API) and node_a, node_b of 1 CPU."""
     with RayNodes(tmp_path_factory.mktemp("ray-nodes"), dashboard=True) as nodes:
         yield nodes
