@@ -55,7 +55,14 @@ from typing import IO, Any
 
 from jobs.demo_report import loss_text, losses, report, summary
 from pipelines.config import cli_main, parse_command
-from pipelines.storage import REMOTE_URI_FILE, RunFolder, filesystem, is_remote, join_uri, scratch_dir
+from pipelines.storage import (
+    REMOTE_URI_FILE,
+    RunFolder,
+    filesystem,
+    is_remote,
+    join_uri,
+    scratch_dir,
+)
 
 OFFLINE_ENV = {
     "HF_HUB_OFFLINE": "1",
@@ -177,7 +184,9 @@ class Demo:
         return json.loads(text) if text else {}
 
     def save_state(self, **updates: Any) -> None:
-        self.folder.write_text(STATE_FILE, json.dumps(self.state() | updates, indent=2, sort_keys=True))
+        self.folder.write_text(
+            STATE_FILE, json.dumps(self.state() | updates, indent=2, sort_keys=True)
+        )
 
     @contextlib.contextmanager
     def captured(self, name: str) -> Iterator[Path]:
@@ -550,7 +559,9 @@ def run_demo(config: DemoConfig, out: IO[str] | None = None) -> Demo:
             with demo.captured("logs/ray-shutdown.log"):
                 ray.shutdown()
     seconds = time.monotonic() - start
-    demo.folder.write_text("summary.json", json.dumps(summary(demo, seconds), indent=2, sort_keys=True))
+    demo.folder.write_text(
+        "summary.json", json.dumps(summary(demo, seconds), indent=2, sort_keys=True)
+    )
     demo.say(report(demo, seconds))
     return demo
 

@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from pipelines.catalog import Catalog
+from pipelines.storage import is_remote, scratch_dir, uri_key
 
 LINEAGE_FILE = "lineage.json"
 
@@ -87,11 +88,22 @@ def _from_registry(ref: str, catalog: Catalog) -> ModelRef:
             mv = client.get_model_version(model, version)
         location = client.get_model_version_download_uri(mv.name, mv.version)
     except MlflowException as err:
+        from pipelines.tracking.store import auth_status, credentials_refused
+
+        if auth_status(err) is not None:
+            raise credentials_refused(uri, err, f"resolving {ref}") from None
         raise ValueError(f"{ref}: not found in the tracking store {uri} ({err.message})") from None
     name = f"{model}-v{mv.version}" if not alias else f"{model}-{alias}"
     dst = None
-    if not location.startswith("file:") and "://" not in catalog.root_uri:
-        dst = Path(catalog.base, ".cache", "models", re.sub(r"[^A-Za-z0-9_.-]", "_", name))
+    if not location.startswith("file:"):
+        # beside a local root; on an object-store root in this node's scratch (a cache), never
+        # in a temp dir MLflow would leave behind
+        safe = re.sub(r"[^A-Za-z0-9_.-]", "_", name)
+        dst = (
+            scratch_dir("models") / uri_key(uri) / safe
+            if is_remote(catalog.root_uri)
+            else Path(catalog.base, ".cache", "models", safe)
+        )
         shutil.rmtree(dst, ignore_errors=True)  # a fresh copy: the alias may point elsewhere now
     directory = mlflow.artifacts.download_artifacts(artifact_uri=location, tracking_uri=uri,
                                                     dst_path=str(dst) if dst else None)  # fmt: skip

@@ -64,7 +64,14 @@ from pipelines.tracking.rundir import (
     write_atomic,
     write_state,
 )
-from pipelines.tracking.store import EXPERIMENT, find_or_create_run, is_transient, mlflow_client
+from pipelines.tracking.store import (
+    EXPERIMENT,
+    auth_status,
+    credentials_refused,
+    find_or_create_run,
+    is_transient,
+    mlflow_client,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -145,6 +152,10 @@ class RunTracker:
             try:
                 run = self.client.get_run(run_id)
             except Exception as exc:
+                if auth_status(exc) is not None:
+                    raise credentials_refused(
+                        self.tracking_uri, exc, f"resuming run {run_id}"
+                    ) from exc
                 if not is_transient(exc):
                     raise ValueError(
                         f"{self.run_dir / RUN_ID_FILE} names run {run_id}, which "
