@@ -108,10 +108,9 @@ class CodeUsage:
         return picks_NC
 
     def plot(self, path: Path) -> Path:
-        import matplotlib
+        from jobs.plots import pyplot
 
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
+        plt = pyplot()
 
         fig, ax = plt.subplots(figsize=(7, 3))
         counts = self.total.numpy()

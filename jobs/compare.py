@@ -286,10 +286,9 @@ def format_markdown(c: Compared) -> str:
 def plot(c: Compared, path: Path) -> Path:
     """One panel per curve (loss first, then eval metrics, then the rest), every run on each, a
     metric's chance level (`<name>_chance`, when logged) dotted on its panel."""
-    import matplotlib
+    from jobs.plots import pyplot
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     keys = [k for k in c.history if any(c.history[k]) and "chance" not in k]
     order = sorted(

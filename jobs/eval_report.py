@@ -99,10 +99,9 @@ def format_table(metrics: dict[str, float], chance: dict[str, float], title: str
 
 def usage_plot(codes: np.ndarray, num_codes: int, path: Path, stats: dict[str, float]) -> Path:
     """Bar chart of how often each code is used over the split (sorted by use)."""
-    import matplotlib
+    from jobs.plots import pyplot
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     counts = np.sort(np.bincount(codes.reshape(-1), minlength=num_codes))[::-1]
     fig, ax = plt.subplots(figsize=(7, 3.5))

@@ -4,14 +4,29 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 
-def plot_losses(run_dir: Path) -> Path:
-    """Loss curves from the rank-0 metric log `metrics.jsonl` (written whether or not MLflow is up)."""
+def pyplot() -> Any:
+    """matplotlib's pyplot on the Agg backend, its cache (the font list) in this node's scratch
+    unless MPLCONFIGDIR is set: by default matplotlib writes `~/.cache/matplotlib` and
+    `~/.config/matplotlib`, and nothing of seedpipe's belongs outside the root and Ray's temp dir."""
+    import os
+
+    from pipelines.storage import scratch_dir
+
+    os.environ.setdefault("MPLCONFIGDIR", str(scratch_dir("matplotlib")))
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+
+    return plt
+
+
+def plot_losses(run_dir: Path) -> Path:
+    """Loss curves from the rank-0 metric log `metrics.jsonl` (written whether or not MLflow is up)."""
+    plt = pyplot()
 
     history: dict[str, dict[int, float]] = {}
     path = run_dir / "metrics.jsonl"

@@ -5,6 +5,13 @@
         cluster.node_id("node_a")
         cluster.kill_node("node_b"); cluster.restart_node("node_b")
 
+A cluster user's nodes differ in their environment: `env` is added to every process the harness
+starts (each node's `ray start`, hence its raylet and the workers it starts, and the drivers that
+tests start with `cluster.env(name)`), `node_env[name]` over it for node (or driver) `name` only,
+e.g. a store's credentials everywhere and a scratch folder per node:
+
+    RayNodes(tmp_path, env=s3.env(), node_env={"node_a": {"SEEDPIPE_SCRATCH": "/a"}, ...})
+
 Every node is a `ray start --block` process in a session of its own, with
 `--node-ip-address 127.0.0.1` (what the node advertises; Ray's gRPC servers listen on every
 interface whatever it is given, Ray 2.60 has no option for that) and `RAY_AUTH_MODE=disabled`.
@@ -36,7 +43,7 @@ import tempfile
 import textwrap
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from types import TracebackType
 from typing import Any
@@ -101,18 +108,26 @@ class RayNodes:
         dashboard: bool = False,
         object_store_mb: int = 200,
         start_timeout_s: float = 120.0,
+        env: Mapping[str, str] | None = None,
+        node_env: Mapping[str, Mapping[str, str]] | None = None,
     ) -> None:
         """`nodes`: worker node name -> its CPUs. `head_cpus=0` by default: the head takes no
         task or actor that asks for a CPU, so training workers land on the named nodes only
         (and with 1-CPU nodes a 2-worker job holds every CPU: its data tasks must ask for none,
         `jobs.scheduling.training_rows`).
         `dashboard`: start the head's dashboard (the state API, and the job server that
-        `seedpipe submit` needs) on 127.0.0.1 at a free port; off, the head starts faster."""
+        `seedpipe submit` needs) on 127.0.0.1 at a free port; off, the head starts faster.
+        `env`: variables for every process of every node and every driver (`env(name)`);
+        `node_env`: name ('head', a worker node's, or a driver's as passed to `env`) -> variables
+        for that one, over `env`. Both keep applying to a node that `restart_node` starts again.
+        The harness's own (auth off, no usage stats, the venv first on PATH, the marker) win."""
         self.workdir = Path(workdir)
         self.nodes = dict(nodes if nodes is not None else {"node_a": 1, "node_b": 1})
         assert HEAD not in self.nodes, "the head is always there, named 'head'"
         self.head_cpus, self.dashboard, self.start_timeout_s = head_cpus, dashboard, start_timeout_s
         self.object_store_bytes = object_store_mb << 20
+        self.extra_env = dict(env or {})
+        self.node_env = {name: dict(values) for name, values in (node_env or {}).items()}
         # Ray's unix sockets live under the temp dir: keep its path short (108-byte limit).
         self.temp_dir = Path(tempfile.mkdtemp(prefix="rn", dir="/tmp"))
         self.tag = f"{self.temp_dir.name}-{uuid.uuid4().hex[:6]}"
@@ -139,8 +154,10 @@ class RayNodes:
         """The environment every process of node `name` gets: auth off on loopback, no usage
         stats, the venv's bin first on PATH (a job's `python -m ...` entrypoint runs the first
         python on the head's PATH, PITFALLS.md), the marker. Tests start their drivers with it
-        too (any name), so `stop` kills whatever of theirs is left."""
+        too (any name), so `stop` kills whatever of theirs is left. `env` and `node_env[name]`
+        (the constructor's) come over this process's environment."""
         env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", MARKER)}
+        env |= self.extra_env | self.node_env.get(name, {})
         env |= {
             "RAY_AUTH_MODE": "disabled",
             "RAY_USAGE_STATS_ENABLED": "0",
@@ -280,13 +297,13 @@ class RayNodes:
                 return
             time.sleep(1)
 
-    def query(self, code: str, *args: str, timeout_s: float = 60.0) -> Any:
+    def query(self, code: str, *args: str, timeout_s: float = 60.0, as_name: str = "probe") -> Any:
         """Run `code` in a fresh interpreter connected to the cluster as a driver (`ray`, `json`
         and `sys` imported, `args` in `sys.argv[1:]`) and return the value it passes to
         `reply(value)` (JSON). A fresh interpreter: the test process stays unconnected, so a
-        session-wide local Ray in it is untouched."""
+        session-wide local Ray in it is untouched. Its environment is `env(as_name)`."""
         out = subprocess.run([sys.executable, "-c", _DRIVER + textwrap.dedent(code), self.address, *args],
-                             env=self.env("probe"), capture_output=True, text=True, timeout=timeout_s)  # fmt: skip
+                             env=self.env(as_name), capture_output=True, text=True, timeout=timeout_s)  # fmt: skip
         replies = [line for line in out.stdout.splitlines() if line.startswith("REPLY ")]
         if out.returncode != 0 or not replies:
             raise RuntimeError(

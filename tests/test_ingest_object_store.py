@@ -256,6 +256,57 @@ def test_console_script_ingests_a_list_in_the_bucket(s3, store, tmp_path):
     assert _no_staging_left(scratch)
 
 
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_interrupted_ingest_keeps_committed_shards_and_no_staging(s3, store, tmp_path):
+    """`seedpipe ingest` on an s3:// root interrupted (SIGINT) while its second shard downloads
+    keeps the first shard, committed as soon as it was finished, and deletes its staging; the
+    next run of the list downloads only the second shard's rows."""
+    import signal
+    import time
+
+    bucket, workdir, scratch = store
+    root, raw_key = f"s3://{bucket}/seed-data", "seed-data/corpora/kill/raw"
+    images = make_images(5, seed=34)
+    env = user_env() | {
+        k: v for k, v in os.environ.items() if k.startswith(("AWS_", "MLFLOW_", "SEEDPIPE_"))
+    }
+    with ImageServer(images, stall_s=120) as srv:
+        rows = [(srv.image_url(n), c) for n, _, c in images] + [(srv.url("/stall"), "slow")]
+        url_list = write_url_list(tmp_path / "urls.tsv", rows, "tsv")
+        argv = [seedpipe_exe(), "ingest", "--root", root, "--corpus", "kill", "--url-list",
+                str(url_list), *FAST_ARGS, "--timeout", "100", "--deadline", "110"]  # fmt: skip
+        proc = subprocess.Popen(argv, cwd=workdir, env=env, stdout=subprocess.PIPE,
+                                stderr=subprocess.STDOUT, text=True, start_new_session=True)  # fmt: skip
+        try:
+            deadline = time.monotonic() + 180
+            while f"{raw_key}/00000.done.json" not in s3.keys(bucket, raw_key):
+                assert proc.poll() is None and time.monotonic() < deadline, proc.stdout.read()
+                time.sleep(0.2)
+            print("T committed", time.monotonic() - deadline + 180, flush=True)
+            proc.send_signal(signal.SIGINT)  # shard 00001 waits on /stall
+            out, _ = proc.communicate(timeout=120)
+            print("T exited", time.monotonic() - deadline + 180, flush=True)
+            print(out[-5000:])
+        finally:
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait(30)
+        assert proc.returncode != 0, out[-3000:]
+        catalog = Catalog(root)
+        raw = catalog.raw_dir("kill")
+        assert sorted(catalog.committed(raw)) == ["00000"]
+        assert _no_staging_left(scratch) and list(workdir.iterdir()) == []
+
+        t0 = time.monotonic()
+        rerun = ingest.run(_config(root, "kill", url_list, timeout=1, deadline=2))
+        print("T rerun", time.monotonic() - t0, flush=True)
+        assert rerun.planning == {"already_ingested": 3} and rerun.rows_to_download == 3
+        assert rerun.new_shards == ["00001"] and rerun.failures == {"timeout": 1}
+    uids = _committed_uids(catalog, raw)
+    assert sorted(u for us in uids.values() for u in us) == _uids(rows[:-1])  # each image once
+
+
 def _stage_shard(staged: Path, sid: str, table: UrlTable, *, stats: str | None) -> None:
     """Write what img2dataset leaves for a shard of `table`'s rows: tar, parquet, stats file."""
     import hashlib
