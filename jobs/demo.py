@@ -5,11 +5,8 @@
 
 One process and one local Ray (`cli_common.ensure_ray`, started by the first step with work and
 reused by every later one); the embedded MLflow store `<root>/mlflow.db` (or MLFLOW_TRACKING_URI
-when set); nothing written outside `--root` but this node's throwaway scratch. `--root` may be an
-object-store URI (`s3://bucket/prefix`, with MLFLOW_TRACKING_URI set to a tracking server): the
-demo's own files (`<root>/demo/`: state, summary, evaluation, URL list, samples, step logs) are a
-`pipelines.storage.RunFolder` like every run folder, written in its node-local mirror and pushed to
-the store; on a local root the mirror is the folder itself. The steps are the README's commands, called in-process
+when set); nothing written outside `--root` but this node's throwaway scratch
+(`pipelines.storage.scratch_dir`). The steps are the README's commands, called in-process
 (`run(config)` of the data stages, `main(argv)` of ingest, the jobs and evaluate):
 
     ingest    the compositional corpus (`pipelines.synthetic.make_scenes`: shapes x colours x
@@ -36,6 +33,13 @@ Each step prints a progress line with its time; its own output (Ray's included) 
 `<root>/demo/logs/` (`--verbose`: to the terminal). At the end: the results table (each metric
 beside chance), the training losses, where everything was written, and the commands that come
 next. `<root>/demo/summary.json` holds the same (`benchmarks/bench_demo.py` reads it).
+
+`--root` may be an object-store URI (`s3://bucket/prefix`, with MLFLOW_TRACKING_URI set to a
+tracking server and the store's variables, e.g. AWS_ENDPOINT_URL): the catalog and runs are there
+like every command's, and `<root>/demo/` (state, summary, evaluation, URL list, samples, step logs)
+is a `pipelines.storage.RunFolder`: written in its node-local mirror, pushed to the store (a step's
+log when the step ends, failed or not); on a local root the mirror is the folder itself. `--fresh`
+deletes the prefix through the store, only when it holds demo/state.json.
 """
 
 from __future__ import annotations
@@ -175,6 +179,10 @@ class Demo:
         """Where `<root>/demo/<name>` is, as the user is told (the store URI on an object store)."""
         return self.folder.uri_of(name)
 
+    def where(self, catalog_path: str) -> str:
+        """A catalog path as the user is told it (the store URI on an object store)."""
+        return catalog_path if "://" in catalog_path else self.catalog.location(catalog_path)
+
     def say(self, text: str) -> None:
         sys.stdout.flush()
         print(text, file=self.out, flush=True)
@@ -189,16 +197,16 @@ class Demo:
         )
 
     @contextlib.contextmanager
-    def captured(self, name: str) -> Iterator[Path]:
-        """Output into the log `<root>/demo/<name>`, appended to earlier runs' as on a local root
-        (the store's copy first: a mirror may be stale or gone), pushed to the store afterwards,
-        failure or not. Yields the mirror's copy (what a failure's tail is read from)."""
+    def captured(self, name: str) -> Iterator[None]:
+        """Output into the log `<root>/demo/<name>` (the mirror's copy while it runs), appended to
+        earlier runs' as on a local root (so the store's copy first: a mirror may be stale or
+        gone), pushed to the store afterwards, failure or not."""
         log = self.folder.local / name
         if self.folder.remote and not self.config.verbose and not self.folder.pull(name):
             log.unlink(missing_ok=True)
         try:
             with _captured(log, self.config.verbose):
-                yield log
+                yield
         finally:
             if not self.config.verbose and log.is_file():
                 self.folder.push(name)
@@ -248,10 +256,11 @@ class Demo:
 
         c, spec = self.config, self.corpus_spec()
         raw = self.catalog.raw_dir(c.corpus)
+        where = self.where(raw)
         existing = dataset_ref(self.catalog, raw, "input")
         if existing.rows:
             if self.state().get("corpora", {}).get(c.corpus) == spec:
-                return StepResult("ingest", 0, "up to date", f"{existing.rows} images, {raw}")
+                return StepResult("ingest", 0, "up to date", f"{existing.rows} images, {where}")
             raise ValueError(f"corpus {c.corpus!r} in {self.root} was not made with these settings "
                              f"({spec}): run with --fresh, or choose another --root or --corpus")  # fmt: skip
         images = make_scenes(c.num_images, seed=c.seed, size=c.image_size, factors=SceneFactors())
@@ -270,7 +279,7 @@ class Demo:
         ref = dataset_ref(self.catalog, raw, "input")
         shards = len(self.catalog.committed(raw))
         return StepResult(
-            "ingest", 0, "built", f"{ref.rows} of {c.num_images} images in {shards} shards, {raw}"
+            "ingest", 0, "built", f"{ref.rows} of {c.num_images} images in {shards} shards, {where}"
         )
 
     def write_samples(self, n: int = 3) -> None:
@@ -304,17 +313,13 @@ class Demo:
         )
         if not result.ok:
             raise StepFailed(f"{prog}: failed shards {result.failed_shards}")
-        info = {"output_dir": result.output_dir}
+        info, where = {"output_dir": result.output_dir}, self.where(result.output_dir)
         if not result.plan.to_build:
             return StepResult(
-                name,
-                0,
-                "up to date",
-                f"{len(result.plan.up_to_date)} shards, {result.output_dir}",
-                info,
+                name, 0, "up to date", f"{len(result.plan.up_to_date)} shards, {where}", info
             )
         return StepResult(name, 0, "built", f"{len(result.plan.to_build)} shards ({result.rows_out} rows), "
-                          f"{result.output_dir}", info)  # fmt: skip
+                          f"{where}", info)  # fmt: skip
 
     def job(
         self, name: str, job: Any, module: Any, argv: list[str], *, steps: int, model: str
@@ -464,19 +469,32 @@ def _captured(log: Path, verbose: bool) -> Iterator[None]:
     log.parent.mkdir(parents=True, exist_ok=True)
     sys.stdout.flush()
     sys.stderr.flush()
-    with open(log, "a", buffering=1) as f:
+    out, err = _descriptor_streams()
+    with open(log, "ab", buffering=0) as f:  # only its descriptor is used
         saved = [os.dup(1), os.dup(2)]
         try:
             os.dup2(f.fileno(), 1)
             os.dup2(f.fileno(), 2)
-            with contextlib.redirect_stdout(f), contextlib.redirect_stderr(f):
+            with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
                 yield
         finally:
-            sys.stdout.flush()
-            sys.stderr.flush()
+            out.flush()
+            err.flush()
             for fd, copy in zip((1, 2), saved, strict=True):
                 os.dup2(copy, fd)
                 os.close(copy)
+
+
+@functools.cache
+def _descriptor_streams() -> tuple[IO[str], IO[str]]:
+    """Text streams on descriptors 1 and 2, never closed: Python's stdout and stderr while a step
+    runs. A logging handler made during a step (Ray Data's) keeps the stream it found; this one
+    writes wherever the descriptor points later, where the step's own log file, once closed, gave
+    "--- Logging error --- I/O operation on closed file" and lost the record."""
+    return (
+        open(1, "w", buffering=1, encoding="utf-8", errors="backslashreplace", closefd=False),
+        open(2, "w", buffering=1, encoding="utf-8", errors="backslashreplace", closefd=False),
+    )
 
 
 def root_uri(root: str) -> str:
@@ -503,7 +521,10 @@ def _fresh(root: str) -> None:
     if not is_remote(root):
         shutil.rmtree(path)
         return
-    fs.delete_dir_contents(path)  # not delete_dir: the root may be a whole bucket
+    if "/" in path:
+        fs.delete_dir(path)
+    else:  # a whole bucket: its objects, never the bucket
+        fs.delete_dir_contents(path)
     _forget_local_copies(root)
 
 
@@ -513,12 +534,13 @@ def _forget_local_copies(root: str) -> None:
     is named by the digest of its config and inputs), and a mirror's stale `mlflow_run_id` or
     metrics would be taken for theirs (`RunFolder.pull` keeps the local file when the store has none)."""
     prefix = root.rstrip("/") + "/"
-    for marker, folder in [(m, m.parent) for m in scratch_dir("runs").glob(f"*/*/{REMOTE_URI_FILE}")] + [
-        (m, m.parent) for m in scratch_dir("fetched").glob("*/.complete")
-    ]:  # fmt: skip
+    # each names what it copies: a mirror its `.remote_uri`, a fetched copy its `.complete`
+    markers = [*scratch_dir("runs").glob(f"*/*/{REMOTE_URI_FILE}"),
+               *scratch_dir("fetched").glob("*/.complete")]  # fmt: skip
+    for marker in markers:
         with contextlib.suppress(OSError):
             if marker.read_text().strip().startswith(prefix):
-                shutil.rmtree(folder, ignore_errors=True)
+                shutil.rmtree(marker.parent, ignore_errors=True)
 
 
 def _terminal() -> IO[str]:

@@ -31,7 +31,9 @@ shards) and that no shard has recovered since, into new shards; with nothing lef
 no-op. Permanent failures (404, other 4xx, redirect loops, not an image, truncated, bomb, too
 large) are not retried. A committed shard found damaged (unsound record, a file missing or
 resized, an unreadable parquet: `rawcorpus.raw_state`) is reported as lost and set aside; the
-next run of its list is then no no-op: it downloads just that shard's rows again.
+next run of its list is then no no-op: it downloads just that shard's rows again. A run killed
+during the download keeps every shard it committed (each is committed as soon as img2dataset has
+finished it); the next run of its list downloads the rest.
 
 Design choices:
 - One ingest per corpus at a time (there is no lock). Call `run` from the main thread of a program

@@ -202,6 +202,7 @@ class ShardCommitter:
         self.result.failed_shards = dict(sorted(self.result.failed_shards.items()))
 
     def commit(self, sid: str, stats: dict[str, Any] | None) -> None:
+        """Check one staged shard and commit it, or quarantine it (`stats` None: unfinished)."""
         expected = self.pending.pop(sid)
         try:
             if stats is None:

@@ -304,6 +304,9 @@ def next_shard_id(catalog: Catalog, raw: str) -> int:
     used += [int(s) for s in manifest.get("lost_shards", {})]
     for src in manifest["sources"].values():
         used += [int(s) for s in src.get("failed_shards", {})]
+    # a run killed before its manifest was written may have set shards aside already
+    set_aside = (_shard_id_of(p.rsplit("/", 1)[-1]) for p in catalog.list_files(f"{raw}/{FAILED}"))
+    used += [int(s) for s in set_aside if s]
     return max(used, default=-1) + 1
 
 

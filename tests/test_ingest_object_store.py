@@ -257,7 +257,7 @@ def test_console_script_ingests_a_list_in_the_bucket(s3, store, tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.timeout(300)
+@pytest.mark.timeout(420)
 def test_interrupted_ingest_keeps_committed_shards_and_no_staging(s3, store, tmp_path):
     """`seedpipe ingest` on an s3:// root interrupted (SIGINT) while its second shard downloads
     keeps the first shard, committed as soon as it was finished, and deletes its staging; the
@@ -283,11 +283,8 @@ def test_interrupted_ingest_keeps_committed_shards_and_no_staging(s3, store, tmp
             while f"{raw_key}/00000.done.json" not in s3.keys(bucket, raw_key):
                 assert proc.poll() is None and time.monotonic() < deadline, proc.stdout.read()
                 time.sleep(0.2)
-            print("T committed", time.monotonic() - deadline + 180, flush=True)
             proc.send_signal(signal.SIGINT)  # shard 00001 waits on /stall
             out, _ = proc.communicate(timeout=120)
-            print("T exited", time.monotonic() - deadline + 180, flush=True)
-            print(out[-5000:])
         finally:
             if proc.poll() is None:
                 os.killpg(proc.pid, signal.SIGKILL)
@@ -298,9 +295,7 @@ def test_interrupted_ingest_keeps_committed_shards_and_no_staging(s3, store, tmp
         assert sorted(catalog.committed(raw)) == ["00000"]
         assert _no_staging_left(scratch) and list(workdir.iterdir()) == []
 
-        t0 = time.monotonic()
         rerun = ingest.run(_config(root, "kill", url_list, timeout=1, deadline=2))
-        print("T rerun", time.monotonic() - t0, flush=True)
         assert rerun.planning == {"already_ingested": 3} and rerun.rows_to_download == 3
         assert rerun.new_shards == ["00001"] and rerun.failures == {"timeout": 1}
     uids = _committed_uids(catalog, raw)

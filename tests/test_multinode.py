@@ -444,7 +444,9 @@ def test_without_the_preflight_the_schedule_bound_ends_the_wait_in_one_line(stac
                           "scaling.schedule_timeout_s=10", timeout_s=240)  # fmt: skip
     seconds = time.monotonic() - start
     assert proc.returncode == 2, proc.stdout[-3000:] + proc.stderr[-3000:]
-    (line,) = error_lines(proc)
+    lines = error_lines(proc)
+    assert len(lines) == 1, proc.stdout[-3000:] + proc.stderr[-5000:]
+    (line,) = lines
     assert line.startswith(
         "error: scaling: 2 workers x {CPU: 2} (PACK) were not placed within "
         "scaling.schedule_timeout_s=10 s; cluster 3 nodes: 1 x {CPU: 0}, 2 x {CPU: 1}; free now"
