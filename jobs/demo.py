@@ -39,7 +39,8 @@ tracking server and the store's variables, e.g. AWS_ENDPOINT_URL): the catalog a
 like every command's, and `<root>/demo/` (state, summary, evaluation, URL list, samples, step logs)
 is a `pipelines.storage.RunFolder`: written in its node-local mirror, pushed to the store (a step's
 log when the step ends, failed or not); on a local root the mirror is the folder itself. `--fresh`
-deletes the prefix through the store, only when it holds demo/state.json.
+deletes the prefix through the store, only when it holds demo/state.json, and this node's cached
+copies of its folders.
 """
 
 from __future__ import annotations

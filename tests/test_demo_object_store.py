@@ -34,7 +34,7 @@ PREFIX = "demo/"
 ARGV = ["demo", "--root", ROOT, "--num-images", "64", "--samples-per-shard", "32",
         "--stage1-config", "tiny_stage1", "--stage2-config", "tiny_stage2", "--lora-config", "tiny_lora",
         "--stage1-steps", "2", "--stage2-steps", "2", "--lora-steps", "2"]  # fmt: skip
-RUN_TIMEOUT_S = 600
+RUN_TIMEOUT_S = 900
 
 
 def user_env(base: Path, s3: S3Server, ray_tmp: str, tracking_uri: str | None) -> dict[str, str]:
@@ -63,7 +63,10 @@ def s3(tmp_path: Path) -> Iterator[S3Server]:
         server.stop()
 
 
-def seedpipe(argv: list[str], workdir: Path, env: dict[str, str]) -> tuple[subprocess.CompletedProcess, float]:  # fmt: skip
+def seedpipe(
+    argv: list[str], workdir: Path, env: dict[str, str]
+) -> tuple[subprocess.CompletedProcess[str], float]:
+    """The installed console script as a user runs it; its result and wall seconds."""
     start = time.monotonic()
     proc = subprocess.run([seedpipe_exe(), *argv], cwd=workdir, env=env, capture_output=True,
                           text=True, timeout=RUN_TIMEOUT_S)  # fmt: skip
@@ -75,7 +78,7 @@ def read_json(s3: S3Server, key: str) -> dict:
 
 
 @pytest.mark.slow
-@pytest.mark.timeout(900)
+@pytest.mark.timeout(1500)
 def test_demo_on_an_object_store_root_runs_every_step_and_a_rerun_reuses_them(tmp_path, s3):
     """Every step does its work on `s3://seed/demo`: the catalog, the run folders and the demo's own
     state, summary, evaluation, samples and step logs are objects in the bucket; the report names
@@ -131,6 +134,9 @@ def test_demo_on_an_object_store_root_runs_every_step_and_a_rerun_reuses_them(tm
         second, second_s = seedpipe(ARGV, work, env)
         assert second.returncode == 0, (second.stdout + second.stderr)[-6000:]
         again = read_json(s3, f"{PREFIX}demo/summary.json")
+        for name, took, record in (("first", first_s, summary), ("second", second_s, again)):
+            steps = ", ".join(f"{s['name']} {s['seconds']:.0f}" for s in record["steps"])
+            print(f"demo on s3, {name} run: {took:.0f} s in all; steps (s): {steps}")
         assert [s["status"] for s in again["steps"]] == ["up to date", "up to date", "skipped",
             "up to date", "skipped", "up to date", "skipped", "reused"], again["steps"]  # fmt: skip
         assert again["models"] == summary["models"] and again["metrics"] == summary["metrics"]
@@ -192,3 +198,37 @@ def test_on_an_object_store_root_fresh_deletes_only_a_prefix_the_demo_made(tmp_p
     assert not mine.local.exists() and not fetched.exists()
     assert other.local.is_dir() and kept.is_dir()
     assert os.listdir(work) == []
+
+
+def test_on_an_object_store_root_a_failed_steps_log_is_printed_and_kept_in_the_bucket(tmp_path, s3, monkeypatch):  # fmt: skip
+    """A step that fails: its output (Python's and the descriptors', as a subprocess writes) is in
+    its log, whose tail is printed under the log's store URI, and the log is in the bucket. A
+    logging handler made during the step (as Ray Data makes one) can still write after it."""
+    import io
+    import logging
+
+    from jobs.demo import Demo, DemoConfig
+
+    for key, value in s3.env().items():
+        monkeypatch.setenv(key, value)
+    monkeypatch.setenv("SEEDPIPE_SCRATCH", str(tmp_path / "scratch"))
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://127.0.0.1:9")
+    out = io.StringIO()
+    demo = Demo(DemoConfig(root=ROOT), out)
+    handlers: list[logging.StreamHandler] = []
+
+    def fails() -> None:
+        handlers.append(logging.StreamHandler())  # on sys.stderr as the step has it
+        print("python line")
+        subprocess.run(["echo", "subprocess line"], check=True)
+        raise RuntimeError("boom")
+
+    with pytest.raises(RuntimeError, match="boom"):
+        demo.step("features", "a step that fails", fails)
+    printed = out.getvalue()
+    assert "FAILED after" in printed and f"last lines of {ROOT}/demo/logs/2-features.log" in printed
+    assert "  | python line" in printed and "  | subprocess line" in printed
+    log = s3.client().get_object(Bucket=BUCKET, Key=f"{PREFIX}demo/logs/2-features.log")["Body"]
+    assert log.read().decode().splitlines() == ["python line", "subprocess line"]
+    handlers[0].stream.write("after the step\n")  # not "I/O operation on closed file"
+    handlers[0].stream.flush()

@@ -106,7 +106,7 @@ def _no_staging_left(scratch: Path) -> bool:
 
 
 @pytest.mark.slow
-@pytest.mark.timeout(300)
+@pytest.mark.timeout(420)
 def test_bucket_root_commits_noop_extend_and_lost_shard(s3, store, tmp_path):
     """`main([...])` with an s3:// root commits the list's shards in the bucket (tar, parquet,
     stats, record, manifest), a rerun is a no-op that writes nothing, an appended list adds only

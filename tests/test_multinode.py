@@ -305,13 +305,13 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
     folders = NodeFolders(base / "nodes", NODES)
     work = base / "user"
     work.mkdir()
-    nodes = None
+    everywhere = s3.env() | {"MLFLOW_TRACKING_URI": mlflow.uri}
+    nodes = RayNodes(base / "ray-nodes", dashboard=True, env=everywhere,
+                     node_env=folders.all_env())  # fmt: skip
     try:
         s3.create_bucket(BUCKET)
-        mlflow.start()
-        everywhere = s3.env() | {"MLFLOW_TRACKING_URI": mlflow.uri}
-        nodes = RayNodes(base / "ray-nodes", dashboard=True, env=everywhere,
-                         node_env=folders.all_env()).start()  # fmt: skip
+        mlflow.start(timeout_s=180)  # ~10 s alone; 2 cores shared with whatever else runs
+        nodes.start()
         check_the_guard(nodes, folders)
         built = Stack(nodes=nodes, s3=s3, mlflow=mlflow, folders=folders, work=work)
         with store_env(s3):
@@ -325,8 +325,7 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
         }
         yield built
     finally:
-        if nodes is not None:
-            nodes.stop()
+        nodes.stop()
         mlflow.stop()
         s3.stop()
 

@@ -6,6 +6,9 @@ The catalog, the run folders and Ray Train's checkpoints are in a bucket of a re
 (tests/s3_server.py), MLflow is a real `mlflow server` whose artifacts are in the same bucket;
 every node and every driver gets the store's variables and `MLFLOW_TRACKING_URI`. The corpora are
 written straight into the bucket and featurized on the cluster by the `seedpipe` console script.
+Training: node_b dies under an elastic stage-1 job, which goes on alone on node_a and finishes; a
+relaunch with node_b back grows the finished run to 2 workers. Data: node_a dies for good under a
+2-actor features stage, which finishes in the same run on node_b.
 
 The GCS notices a dead node by its health check, by default after 5 failed checks 3 s apart
 (`ray_config_def.h` of Ray 2.60: `health_check_initial_delay_ms` 5000, `health_check_period_ms`
@@ -254,6 +257,7 @@ def test_training_goes_on_on_the_surviving_node_and_a_relaunch_grows_back(world:
     resumed_from = consumed_keys(world, shrink["step"])
     final = consumed_keys(world, MAX_STEPS)
     assert len(resumed_from) == len(set(resumed_from)) == shrink["step"] * GLOBAL_BATCH
+    assert shrink["consumed_in_epoch"] == len(resumed_from)  # what the resumed rank skipped
     assert len(final) == len(set(final)) == MAX_STEPS * GLOBAL_BATCH
     assert set(resumed_from) <= set(final)
     assert set(final) <= training_keys(world)
@@ -315,13 +319,11 @@ def stage_workers(cluster: RayNodes) -> dict[str, tuple[str | None, int]]:
 
 
 @pytest.mark.timeout(900)
-def test_a_data_stage_that_loses_a_node_builds_every_shard_once_with_every_key_once(
-    world: World,
-) -> None:
-    """node_a SIGKILLed (and started again, as KubeRay recreates a pod) once the first shard of a
-    2-actor features stage is committed: Ray Data restarts the lost actor and retries its shards,
-    the stage exits 0 and every raw key is in the committed features exactly once, each shard's
-    completion record written once and no uncommitted file left."""
+def test_a_data_stage_that_loses_a_node_for_good_builds_every_shard_once(world: World) -> None:
+    """node_a SIGKILLed for good once the first shard of a 2-actor features stage is committed:
+    the same run finishes with exit 0 (Ray Data restarts the lost actor on node_b once the other
+    actor is idle, and retries its shards there), every raw key is in the committed features
+    exactly once, each shard's completion record is written once and nothing else is left."""
     world.bring_back()
     cluster = world.cluster
     records = make_raw_corpus(Catalog(STAGE_ROOT), STAGE_CORPUS, num_shards=STAGE_SHARDS,
@@ -342,12 +344,9 @@ def test_a_data_stage_that_loses_a_node_builds_every_shard_once_with_every_key_o
             time.sleep(0.2)
         old_a = cluster.node_id("node_a")
         cluster.kill_node("node_a")
-        world.killed.add("node_a")
+        world.killed.add("node_a")  # not brought back here: the stage must do without it
         timeline["killed"] = time.monotonic() - start
         at_kill = len(committed())
-        new_a = cluster.restart_node("node_a")
-        world.killed.discard("node_a")
-        timeline["restarted"] = time.monotonic() - start
         rc = stage.wait(timeout=600)
         timeline["finished"] = time.monotonic() - start
     finally:
@@ -362,31 +361,25 @@ def test_a_data_stage_that_loses_a_node_builds_every_shard_once_with_every_key_o
     rows = STAGE_SHARDS * STAGE_PER_SHARD
     assert f"rows in / out    {rows} / {rows}" in log, log  # each shard's summary came once
 
-    # the pool: one actor on node_b, the other restarted onto the new node_a
-    actors = {k: v for k, v in stage_workers(cluster).items() if k not in before}
-    assert sorted(actors.values()) == sorted([(cluster.node_id("node_b"), 0), (new_a, 1)]), (
-        actors,
-        old_a,
-    )
-
-    # every raw key exactly once across the committed shards; each record written once; nothing
-    # else in the dataset folder
+    # every raw key exactly once across the committed shards; each record written once (the
+    # bucket keeps every version); nothing but the committed shards in the dataset folder
     catalog = Catalog(STAGE_ROOT)
     out_dir = catalog.stage_dir(STAGE_CORPUS, "features", "tiny")
     done = catalog.committed(out_dir)
     assert sorted(done) == sorted(r.shard for r in records)
-    keys = Counter()
+    keys: Counter[str] = Counter()
     for path in catalog.committed_files(out_dir):
-        keys.update(
-            pq.read_table(path, filesystem=catalog.fs, columns=["key"]).column("key").to_pylist()
-        )
+        keys.update(pq.read_table(path, filesystem=catalog.fs, columns=["key"]).column("key").to_pylist())  # fmt: skip
     raw = {f"{s:05d}{i:04d}" for s in range(STAGE_SHARDS) for i in range(STAGE_PER_SHARD)}
     assert set(keys) == raw and set(keys.values()) == {1}
     listed = world.s3.keys(STAGE_BUCKET, features)
     assert sorted(listed) == sorted(f"{features}{sid}.{ext}" for sid in done
                                     for ext in ("parquet", "done.json")), listed  # fmt: skip
     versions = world.s3.client().list_object_versions(Bucket=STAGE_BUCKET, Prefix=features)
-    writes = Counter(
-        v["Key"] for v in versions.get("Versions", []) if v["Key"].endswith(".done.json")
-    )
-    assert set(writes.values()) == {1}, writes
+    writes = Counter(v["Key"] for v in versions.get("Versions", []) if v["Key"].endswith(".done.json"))  # fmt: skip
+    assert len(writes) == STAGE_SHARDS and set(writes.values()) == {1}, writes
+
+    # the pool: both actors ended on node_b, the one node_a lost restarted there once
+    actors = {k: v for k, v in stage_workers(cluster).items() if k not in before}
+    node_b = cluster.node_id("node_b")
+    assert sorted(actors.values()) == [(node_b, 0), (node_b, 1)], (actors, old_a)
