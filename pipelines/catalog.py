@@ -242,8 +242,15 @@ class Catalog:
             return f.read().decode()
 
     def write_atomic(self, path: str, data: bytes) -> None:
-        """Write to a temporary sibling, then rename into place (readers never see half a file)."""
+        """Write to a temporary sibling, then rename into place (readers never see half a file).
+        On an object store one put of the whole object is atomic already (a reader gets the old
+        object or the new one), and a "rename" there is a copy and a delete that briefly shows
+        the temporary key: the object is put at its name."""
         self.fs.create_dir(path.rsplit("/", 1)[0], recursive=True)
+        if not isinstance(self.fs, pafs.LocalFileSystem):
+            with self.fs.open_output_stream(path) as f:
+                f.write(data)
+            return
         tmp = f"{path}{TMP_MARK}{uuid.uuid4().hex[:8]}"
         with self.fs.open_output_stream(tmp) as f:
             f.write(data)

@@ -80,7 +80,8 @@ def run_stage(catalog: Catalog, *, stage: str, config: StageConfig, plan: Plan, 
     `resolved`: what the stage resolved from its config (defaults, model URIs and digests); logged
     as params over the config's own values, so a param says what the stage really used."""
     corpus, dry_run, resources = config.corpus, config.dry_run, config.resources
-    print(f"{stage} plan for {corpus} -> {output_dir}: {plan.summary()}", flush=True)
+    print(f"{stage} plan for {corpus} -> {catalog.location(output_dir)}: {plan.summary()}",
+          flush=True)  # fmt: skip
     print("".join(f"{line}\n" for line in plan.problems()), end="", flush=True)
     if dry_run or not plan.to_build:
         if not dry_run:
