@@ -385,7 +385,8 @@ def test_every_rayjob_entrypoint_parses_into_its_config():
 def readme_submissions() -> list[list[str]]:
     """The `seedpipe submit ...` commands of cluster/README.md's code blocks (continuations joined)."""
     text = (CLUSTER / "README.md").read_text().replace("\\\n", " ")
-    blocks = re.findall(r"```(?:bash|sh)?\n(.*?)```", text, re.S)
+    fenced = re.findall(r"```(\w*)\n(.*?)```", text, re.S)  # every fence, so pairs stay aligned
+    blocks = [body for lang, body in fenced if lang in ("", "bash", "sh")]
     lines = [line.split(" #", 1)[0].strip() for block in blocks for line in block.splitlines()]
     return [shlex.split(line)[2:] for line in lines if line.startswith("seedpipe submit ")]
 
