@@ -21,7 +21,6 @@ says the hook really runs in a node's Ray workers (`loaded(name)`).
 from __future__ import annotations
 
 import os
-import shutil
 from pathlib import Path
 
 OWN_ENV = "SEEDPIPE_TEST_NODE_DIR"
@@ -151,11 +150,3 @@ class NodeFolders:
         log = self.folder(name) / GUARD / LOADED
         lines = log.read_text().splitlines() if log.is_file() else []
         return {int(pid): cmd for pid, _, cmd in (line.partition(" ") for line in lines)}
-
-    def written(self, name: str, sub: str) -> list[str]:
-        """Files under `<folder>/<sub>` of node `name` (relative paths): what it kept locally."""
-        root = self.folder(name) / sub
-        return sorted(str(p.relative_to(root)) for p in root.rglob("*") if p.is_file())
-
-    def remove(self) -> None:
-        shutil.rmtree(self.base, ignore_errors=True)

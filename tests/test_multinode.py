@@ -193,8 +193,8 @@ class Stack:
     folders: NodeFolders
     work: Path
     """The drivers' working folder (the user's shell): stays empty on an object-store root."""
-    feature_actors: dict[str, str | None] = field(default_factory=dict)
-    """The features stage's actors (actor id -> node id), from the module's build."""
+    feature_actors: dict[str, tuple[str, int]] = field(default_factory=dict)
+    """The features stage's actors (actor id -> (node id, pid)), from the module's build."""
 
     def seedpipe(self, *argv: str, timeout_s: float, address: str | None = None
                  ) -> subprocess.CompletedProcess[str]:  # fmt: skip
@@ -209,6 +209,12 @@ class Stack:
 
     def read(self, key: str) -> bytes:
         return self.s3.client().get_object(Bucket=BUCKET, Key=key)["Body"].read()
+
+    def assert_guarded(self, actors: dict[str, tuple[str, int]]) -> None:
+        """Each of `actors` (id -> (node id, pid)) ran in a process of its node with the guard."""
+        names = {self.nodes.node_id(name): name for name in (HEAD_NODE, "node_a", "node_b")}
+        for node_id, pid in actors.values():
+            assert pid in self.folders.loaded(names[node_id]), (names[node_id], pid)
 
     def assert_no_foreign_reads(self) -> None:
         """No process of any node touched another node's local folder (tests/foreign_reads.py)."""
@@ -281,13 +287,14 @@ def check_the_guard(nodes: RayNodes, folders: NodeFolders) -> dict[str, dict]:
     return seen
 
 
-def stage_actors(nodes: RayNodes, worker_class: str) -> dict[str, str | None]:
-    """Every Ray Data actor of a stage whose worker is `worker_class` that the cluster has seen
-    (dead ones too; Ray Data names them `MapWorker(MapBatches(<class>))`): actor id -> node id."""
+def actors_seen(nodes: RayNodes, class_part: str) -> dict[str, tuple[str, int]]:
+    """Every actor whose class name holds `class_part` that the cluster has seen (dead ones too):
+    actor id -> (node id, pid). Ray Data names a stage's actors `MapWorker(MapBatches(<class>))`,
+    Ray Train its workers `RayTrainWorker`."""
     from ray.util.state import list_actors
 
     actors = list_actors(address=nodes.dashboard_url, detail=True, limit=10_000)
-    return {a.actor_id: a.node_id for a in actors if worker_class in (a.class_name or "")}
+    return {a.actor_id: (a.node_id, a.pid) for a in actors if class_part in (a.class_name or "")}
 
 
 @pytest.fixture(scope="module")
@@ -316,12 +323,12 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
         built = Stack(nodes=nodes, s3=s3, mlflow=mlflow, folders=folders, work=work)
         with store_env(s3):
             make_raw_corpus(Catalog(ROOT), CORPUS, num_shards=2, per_shard=16)
-        before = stage_actors(nodes, "FeaturesShardWorker")
+        before = actors_seen(nodes, "FeaturesShardWorker")
         proc = built.seedpipe("features", "--root", ROOT, "--corpus", CORPUS, "--encoder", "tiny",
                               "--num-workers", "2", timeout_s=300)  # fmt: skip
         assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
         built.feature_actors = {
-            k: v for k, v in stage_actors(nodes, "FeaturesShardWorker").items() if k not in before
+            k: v for k, v in actors_seen(nodes, "FeaturesShardWorker").items() if k not in before
         }
         yield built
     finally:
@@ -332,15 +339,6 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
 
 def error_lines(proc: subprocess.CompletedProcess[str]) -> list[str]:
     return [line for line in proc.stderr.splitlines() if line.startswith("error:")]
-
-
-def train_workers(cluster: RayNodes) -> dict[str, str | None]:
-    """Every Ray Train worker actor the cluster has seen (dead ones too): actor id -> node id."""
-    from ray.util.state import list_actors
-
-    actors = list_actors(address=cluster.dashboard_url, filters=[("class_name", "=", "RayTrainWorker")],
-                         detail=True, limit=10_000)  # fmt: skip
-    return {a.actor_id: a.node_id for a in actors}
 
 
 # placement_group_table is a Ray DeveloperAPI (checked in 2.60's source): the state API's
@@ -381,9 +379,10 @@ def test_a_stage_with_two_workers_runs_an_actor_on_each_node_and_commits_in_the_
     """`seedpipe features --num-workers 2` on the s3:// root ran its actors on node_a and node_b,
     and each shard's parquet and completion record are objects in the bucket."""
     nodes = stack.nodes
-    assert Counter(stack.feature_actors.values()) == Counter(
+    assert Counter(node for node, _ in stack.feature_actors.values()) == Counter(
         [nodes.node_id("node_a"), nodes.node_id("node_b")]
     ), stack.feature_actors
+    stack.assert_guarded(stack.feature_actors)
     keys = stack.keys(f"{PREFIX}corpora/{CORPUS}/features/")
     for sid in ("00000", "00001"):
         assert any(k.endswith(f"/{sid}.parquet") for k in keys), keys
@@ -398,15 +397,16 @@ def test_strict_spread_puts_one_worker_on_each_node_and_the_job_finishes(stack: 
     node_a and node_b, which they fill, and the job reads its data, trains, and leaves its config,
     checkpoint, export and registration in the bucket, no node reading another's local files."""
     cluster = stack.nodes
-    before = train_workers(cluster)
+    before = actors_seen(cluster, "RayTrainWorker")
     proc = stack.seedpipe("train-tokenizer", *TRAIN, "--root", ROOT, "run.name=spread",
                           "register_as=multinode-stage1", "scaling.placement_strategy=STRICT_SPREAD",
                           timeout_s=600)  # fmt: skip
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
-    workers = {k: v for k, v in train_workers(cluster).items() if k not in before}
-    assert Counter(workers.values()) == Counter(
+    workers = {k: v for k, v in actors_seen(cluster, "RayTrainWorker").items() if k not in before}
+    assert Counter(node for node, _ in workers.values()) == Counter(
         [cluster.node_id("node_a"), cluster.node_id("node_b")]
     )
+    stack.assert_guarded(workers)
     groups = cluster.query(PLACEMENT_GROUPS)
     assert {"strategy": "STRICT_SPREAD", "bundles": [{"CPU": 1.0}] * 2} in groups
     assert_run_folder_in_bucket(stack, "spread", step=4)
@@ -463,7 +463,7 @@ def test_submit_to_the_head_runs_the_job_on_the_cluster_with_its_run_folder_in_t
     from ray.job_submission import JobSubmissionClient
 
     cluster = stack.nodes
-    before = train_workers(cluster)
+    before = actors_seen(cluster, "RayTrainWorker")
     proc = stack.seedpipe("submit", "train-tokenizer", *TRAIN, "--root", ROOT,
                           "run.name=submitted", "register_as=multinode-submitted",
                           "--name", "multinode", address=cluster.dashboard_url, timeout_s=600)  # fmt: skip
@@ -474,10 +474,12 @@ def test_submit_to_the_head_runs_the_job_on_the_cluster_with_its_run_folder_in_t
     info = JobSubmissionClient(cluster.dashboard_url).get_job_info(submission_id)
     assert str(info.status) == "SUCCEEDED" and f"--root {ROOT}" in info.entrypoint
     assert info.driver_node_id == cluster.node_id(HEAD_NODE)
-    workers = {k: v for k, v in train_workers(cluster).items() if k not in before}
-    assert Counter(workers.values()) == Counter(
+    assert info.driver_info and int(info.driver_info.pid) in stack.folders.loaded(HEAD_NODE)
+    workers = {k: v for k, v in actors_seen(cluster, "RayTrainWorker").items() if k not in before}
+    assert Counter(node for node, _ in workers.values()) == Counter(
         [cluster.node_id("node_a"), cluster.node_id("node_b")]
     )
+    stack.assert_guarded(workers)
     assert_run_folder_in_bucket(stack, "submitted", step=4)
     assert os.listdir(stack.work) == []
     stack.assert_no_foreign_reads()

@@ -30,7 +30,8 @@ from tests.chain import CORPUS, NUM_IMAGES, SAMPLES_PER_SHARD, seedpipe_exe, ste
 from tests.mlflow_server import MlflowServer
 from tests.s3_server import S3Server
 
-pytestmark = [pytest.mark.slow, pytest.mark.timeout(3000)]
+# one xdist worker runs the module: its chain (a module fixture) is built once, not once per worker
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(3000), pytest.mark.xdist_group("object-store")]
 BUCKET = "seed"
 ROOT = f"s3://{BUCKET}/seed-data"
 PREFIX = "seed-data/"
