@@ -121,6 +121,10 @@ def ui_main(argv: Sequence[str] | None = None) -> int:
 
     config = parse_command(UiConfig, argv, prog="seedpipe ui", description=ui_main.__doc__ or "")
     uri = tracking_uri(Catalog(config.root))
+    if uri.startswith(("http://", "https://")):
+        # a tracking server serves its own UI (`mlflow ui` only opens a store it can read itself)
+        print(f"MLflow's UI is the tracking server's own: open {uri}", flush=True)
+        return 0
     cmd = [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", uri, "--host", config.host,
            "--port", str(config.port)]  # fmt: skip
     print("running:", " ".join(cmd), flush=True)

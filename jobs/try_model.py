@@ -38,6 +38,7 @@ import torch
 
 from pipelines.catalog import Catalog
 from pipelines.config import cli_main, parse_command
+from pipelines.storage import RunFolder, join_uri
 
 
 @dataclass(kw_only=True)
@@ -305,18 +306,27 @@ def generate_main(argv: Sequence[str] | None = None) -> int:
     neighbours = nearest_rows(catalog, loaded.corpus, loaded.features, gen_BO.flatten(1).float().cpu().numpy(),
                               config.num_images)  # fmt: skip
     images = raw_images(catalog, loaded.corpus, [r for rows in neighbours for r in rows])
-    out = Path(config.out) if config.out else Path(catalog.base, "generated")
+    # default `<root>/generated`; on an object-store root written in this node's mirror of that
+    # folder and pushed to the store (never into the working folder)
+    folder = (
+        None if config.out else RunFolder(join_uri(catalog.location(catalog.base), "generated"))
+    )
+    out = Path(config.out) if config.out else folder.local
     print(
         "picture: not rendered (no diffusers unCLIP decoder in this build); showing the nearest corpus images"
     )
     for prompt, codes, rows in zip(config.prompts, codes_BN.tolist(), neighbours, strict=True):
         sheet = contact_sheet(prompt, rows, images, out / f"{slug(prompt)}.png")
+        shown = folder.uri_of(sheet.name) if folder is not None else str(sheet)
         record = {"prompt": prompt, "codes": codes, "tokenizer": loaded.tokenizer_ref.uri, "lora": config.lora,
-                  "corpus": loaded.corpus, "features": loaded.features, "nearest": rows, "sheet": str(sheet)}  # fmt: skip
+                  "corpus": loaded.corpus, "features": loaded.features, "nearest": rows, "sheet": shown}  # fmt: skip
         sheet.with_suffix(".json").write_text(json.dumps(record, indent=2))
+        if folder is not None:
+            for path in (sheet, sheet.with_suffix(".json")):
+                folder.push(path.name)
         print(f"{prompt!r} -> {len(codes)} codes: {' '.join(map(str, codes))}")
         print(f"  nearest {loaded.corpus} images by target embedding (cosine):")
         for i, row in enumerate(rows, 1):
             print(f"  {i:2d}. {row['cosine']:.3f}  {row['caption']}  (key {row['key']})")
-        print(f"  contact sheet: {sheet}", flush=True)
+        print(f"  contact sheet: {shown}", flush=True)
     return 0

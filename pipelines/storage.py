@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import shutil
 import socket
 from pathlib import Path
 
@@ -143,7 +144,15 @@ class RunFolder:
         """Make `<local>/<name>` the run folder's copy; False when the run folder has none."""
         if not self.remote:
             return (self.local / name).exists()
-        return download(self.fs, self.remote_path(name), self.local / name)
+        if download(self.fs, self.remote_path(name), self.local / name):
+            return True
+        # the store has none: a mirror left from a deleted folder of the same URI must not win
+        stale = self.local / name
+        if stale.is_dir():
+            shutil.rmtree(stale, ignore_errors=True)
+        elif stale.exists():
+            stale.unlink()
+        return False
 
     def write_text(self, name: str, text: str) -> Path:
         """Write a small file in both places (the remote one as one whole object)."""

@@ -74,8 +74,10 @@ def isolated_env(base: Path, s3: S3Server, tracking_uri: str, ray_tmp: str) -> d
     env = {k: v for k, v in os.environ.items()
            if k not in ("MLFLOW_TRACKING_URI", "RAY_ADDRESS", "PYTHONPATH", "SEEDPIPE_SCRATCH")}  # fmt: skip
     env.update(s3.env())
+    # MLflow's client telemetry keeps an installation id in ~/.config/mlflow (MLflow's own, not
+    # seedpipe's data); off, as on a cluster without internet
     env.update(HOME=str(home), TMPDIR=str(tmp), RAY_TMPDIR=ray_tmp,
-               MLFLOW_TRACKING_URI=tracking_uri)  # fmt: skip
+               MLFLOW_TRACKING_URI=tracking_uri, MLFLOW_DISABLE_TELEMETRY="true")  # fmt: skip
     return env
 
 
