@@ -305,17 +305,17 @@ def training_keys(world: World) -> set[str]:
 
 
 STAGE_SHARDS, STAGE_PER_SHARD = 8, 48
+STAGE_ACTOR = "MapWorker(MapBatches(FeaturesShardWorker))"
 
 
 def stage_workers(cluster: RayNodes) -> dict[str, tuple[str | None, int]]:
-    """Every actor of a features stage's pool the cluster has seen: actor id -> (node id,
-    restarts). Ray Data's pool actors are `_MapWorker`s, named by the function they run."""
+    """Every actor of a features stage's pool the cluster has seen (dead ones too): actor id ->
+    (node id, restarts). The state API names Ray Data's pool actors after the function they run."""
     from ray.util.state import list_actors
 
-    actors = list_actors(address=cluster.dashboard_url, filters=[("class_name", "=", "_MapWorker")],
+    actors = list_actors(address=cluster.dashboard_url, filters=[("class_name", "=", STAGE_ACTOR)],
                          detail=True, limit=10_000)  # fmt: skip
-    return {a.actor_id: (a.node_id, a.num_restarts) for a in actors
-            if "FeaturesShardWorker" in (a.repr_name or "")}  # fmt: skip
+    return {a.actor_id: (a.node_id, a.num_restarts) for a in actors}
 
 
 @pytest.mark.timeout(900)

@@ -139,12 +139,19 @@ def test_every_readme_step_commits_its_data_in_the_bucket(store_chain):
 
 
 def test_nothing_is_written_outside_the_store_and_rays_temp_dir(store_chain):
-    """After the whole chain the working folder, HOME and TMPDIR are empty: every byte outside the
-    bucket went to Ray's temp dir (where each node's throwaway scratch lives)."""
-    for folder in (store_chain.workdir, Path(store_chain.env["HOME"]),
-                   Path(store_chain.env["TMPDIR"])):  # fmt: skip
+    """After the whole chain the working folder and HOME are empty and TMPDIR holds no file of
+    seedpipe's: every byte it wrote outside the bucket went to Ray's temp dir (where each node's
+    throwaway scratch lives)."""
+    for folder in (store_chain.workdir, Path(store_chain.env["HOME"])):
         written = sorted(str(p.relative_to(folder)) for p in folder.rglob("*"))
         assert written == [], (folder, written[:20])
+    # Two libraries' own temp folders, made on import and removed at a clean interpreter exit,
+    # which Ray's killed workers and img2dataset's processes do not have: wandb's media/artifact
+    # staging (img2dataset imports wandb) and torch inductor's compile cache.
+    third_party = ("wandb-media", "wandb-artifacts", "torchinductor_")
+    tmp = Path(store_chain.env["TMPDIR"])
+    ours = sorted(p.name for p in tmp.iterdir() if not any(t in p.name for t in third_party))
+    assert ours == [], ours
     scratch = Path(store_chain.env["RAY_TMPDIR"], "ray", "seedpipe-scratch")
     assert scratch.is_dir()  # the mirrors and staging were there
 
@@ -160,7 +167,7 @@ def test_evaluate_lineage_and_status_read_the_store(store_chain):
     metrics = metrics.get("metrics", metrics)
     assert "i2t_r1_codes" in metrics and "caption_bleu4" in metrics
     lineage = store_chain.run("lineage", ["lineage", "models:/seed-lora/1", "--root", ROOT]).stdout
-    assert "url-list" in lineage and f"{CORPUS}/raw" in lineage
+    assert "URL list" in lineage and f"{CORPUS}/raw" in lineage
     status = store_chain.run("status", ["status", "--root", ROOT]).stdout
     assert "features/tiny" in status and "stale" not in status.split("registered")[0]
     assert sorted(os.listdir(store_chain.workdir)) == []
@@ -177,7 +184,9 @@ def test_killed_worker_resumes_from_its_checkpoint_in_the_bucket(store_chain):
                                "register_as=seed-tokenizer-stage1-killed"])  # fmt: skip
     keys = set(store_chain.keys(f"{PREFIX}runs/killed/"))
     assert f"{PREFIX}runs/killed/fault_injected_step7" in keys  # the kill really happened
-    assert any("/step00000005/" in k for k in keys)
+    # the checkpoints Ray Train kept (run.keep_checkpoints) are objects in the bucket
+    assert any(k.startswith(f"{PREFIX}runs/killed/step") and k.endswith("/trainer_state.json")
+               for k in keys)  # fmt: skip
     os.environ.update(store_chain.s3.env())  # the client below reads the run from the server
     client = MlflowClient(store_chain.mlflow.uri)
     run_id = next(k for k in keys if k.endswith("/mlflow_run_id"))
