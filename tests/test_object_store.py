@@ -175,7 +175,8 @@ def test_evaluate_lineage_and_status_read_the_store(store_chain):
 
 def test_killed_worker_resumes_from_its_checkpoint_in_the_bucket(store_chain):
     """Rank 1 SIGKILLed at step 7 of a stage-1 run on the s3:// root: the job resumes from the
-    step-5 checkpoint Ray Train wrote to the bucket and finishes; MLflow has each step 1..12 once."""
+    step-5 checkpoint Ray Train wrote to the bucket and finishes; MLflow has each step 1..12 once,
+    and `compare` puts it beside the chain's stage-1 run."""
     from mlflow import MlflowClient
 
     store_chain.run("killed", ["train-tokenizer", "--stage", "1", "--config", "tiny_stage1",
@@ -193,6 +194,11 @@ def test_killed_worker_resumes_from_its_checkpoint_in_the_bucket(store_chain):
     run_id = store_chain.s3.client().get_object(Bucket=BUCKET, Key=run_id)["Body"].read().decode()
     steps_logged = Counter(m.step for m in client.get_metric_history(run_id.strip(), "loss"))
     assert steps_logged == Counter(range(1, 13))
+    # and the two stage-1 runs of this root compare side by side, read from the server alone
+    out = store_chain.base / "cmp"
+    table = store_chain.run("compare", ["compare", "--stage", "stage1", "--last", "2", "--root",
+                                        ROOT, "--out", str(out)]).stdout  # fmt: skip
+    assert "killed" in table and (out / "compare.png").is_file()
 
 
 def test_an_object_store_root_without_a_tracking_server_is_one_error_line(tmp_path):
