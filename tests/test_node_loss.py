@@ -51,7 +51,8 @@ from tests.raw_fixture import make_raw_corpus
 from tests.ray_nodes import HEAD, RayNodes
 from tests.s3_server import REGION, S3Server
 
-pytestmark = pytest.mark.slow
+# one xdist worker runs the module: its cluster and servers (a module fixture) start once
+pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("node-loss")]
 BUCKET = "nodeloss"
 ROOT = f"s3://{BUCKET}/data"
 STAGE_BUCKET = "nodeloss-stage"  # versioned: every write of a completion record is kept
