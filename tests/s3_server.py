@@ -79,7 +79,9 @@ class S3Server:
 
     def keys(self, bucket: str, prefix: str = "") -> list[str]:
         """Every object key under `prefix` (paginated)."""
-        pages = self.client().get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix)
+        pages = (
+            self.client().get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix)
+        )
         return sorted(obj["Key"] for page in pages for obj in page.get("Contents", []))
 
     def stop(self, timeout_s: float = 20.0) -> None:
