@@ -7,8 +7,9 @@
   write goes through it, never `open()` on a path string.
 - **Node-local scratch is a cache.** `scratch_dir(purpose)` is a folder on this node's own disk,
   `seedpipe-scratch/<host>/` under Ray's temp dir (`$RAY_TMPDIR/ray`, else `$TMPDIR/ray`, else
-  `/tmp/ray`, Ray's own rule), or `SEEDPIPE_SCRATCH` when set. What is there can be deleted at any time: staging before an upload, a run folder's local
-  mirror, downloaded models. Nothing a node writes there is read by another node.
+  `/tmp/ray`, Ray's own rule), or `SEEDPIPE_SCRATCH` when set. What is there can be deleted at any
+  time: staging before an upload, a run folder's local mirror, downloaded models. Nothing a node
+  writes there is read by another node.
 - **A run folder on any root** (`RunFolder`): code reads and writes a node-local mirror (`.local`,
   a Path, so the libraries that want a directory get one) and `push`es what it wrote to the root's
   filesystem, `pull`s what another process wrote. On a local root the mirror is the folder itself
@@ -174,7 +175,7 @@ class RunFolder:
         try:
             with self.fs.open_input_stream(self.remote_path(name)) as f:
                 return f.read().decode()
-        except (FileNotFoundError, OSError):
+        except FileNotFoundError:  # a store that fails otherwise raises: absent is not unknown
             return None
 
     def exists(self, name: str) -> bool:
