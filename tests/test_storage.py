@@ -96,11 +96,8 @@ def test_local_copy_fetches_a_store_folder_once(s3_env, tmp_path):
     (folder.local / "tok" / "vocab.json").write_text("{}")
     folder.push("tok")
     copy = local_copy(folder.uri_of("tok"))
-    assert (
-        copy != str(folder.local / "tok")
-        and (tmp_path / "scratch") in __import__("pathlib").Path(copy).parents
-    )
-    assert open(f"{copy}/vocab.json").read() == "{}"
+    assert copy != str(folder.local / "tok") and (tmp_path / "scratch") in Path(copy).parents
+    assert Path(copy, "vocab.json").read_text() == "{}"
     assert local_copy(copy) == copy
     with pytest.raises(FileNotFoundError):
         local_copy("s3://store/root/runs/nothing-here")
