@@ -224,3 +224,21 @@ def test_an_object_store_root_without_a_tracking_server_is_one_error_line(tmp_pa
         assert s3.keys(BUCKET) == [] and os.listdir(work) == []
     finally:
         s3.stop()
+
+
+def test_caption_and_generate_use_the_models_on_the_store(store_chain):
+    """caption and generate run the registered models against the s3:// root; generate's contact
+    sheet and its record go to `<root>/generated` in the bucket, nothing into the working folder."""
+    image = store_chain.base / "sample.jpg"
+    image.write_bytes(make_images(1, seed=7)[0][1])
+    caption = store_chain.run("caption", ["caption", str(image), "--root", ROOT, "--lora",
+                                          "models:/seed-lora/1"]).stdout  # fmt: skip
+    assert f"{image}:" in caption
+    prompt = "a red square on a blue background"
+    generated = store_chain.run("generate", ["generate", prompt, "--root", ROOT, "--lora",
+                                             "models:/seed-lora/1"]).stdout  # fmt: skip
+    assert "contact sheet: s3://" in generated
+    keys = set(store_chain.keys(f"{PREFIX}generated/"))
+    slug = "a-red-square-on-a-blue-background"
+    assert {f"{PREFIX}generated/{slug}.png", f"{PREFIX}generated/{slug}.json"} <= keys, keys
+    assert sorted(os.listdir(store_chain.workdir)) == []
