@@ -86,13 +86,19 @@ class MlflowServer:
         pytest.fail(f"mlflow server did not come up in {timeout_s}s:\n{tail}")
 
     def stop(self, timeout_s: float = 30.0) -> None:
-        if self.proc is None:
-            return
-        with suppress(ProcessLookupError):
-            os.killpg(self.proc.pid, signal.SIGTERM)
-        try:
-            self.proc.wait(timeout_s)
-        except subprocess.TimeoutExpired:
-            os.killpg(self.proc.pid, signal.SIGKILL)
-            self.proc.wait(10)
+        stop_group(self.proc, timeout_s)
         self.proc = None
+
+
+def stop_group(proc: subprocess.Popen | None, timeout_s: float) -> None:
+    """SIGTERM a server started with `start_new_session=True` and its process group, SIGKILL
+    after `timeout_s`; None (never started, or stopped) does nothing."""
+    if proc is None:
+        return
+    with suppress(ProcessLookupError):
+        os.killpg(proc.pid, signal.SIGTERM)
+    try:
+        proc.wait(timeout_s)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(10)

@@ -9,17 +9,15 @@ seedpipe's configs is S3-specific.
 from __future__ import annotations
 
 import os
-import signal
 import subprocess
 import sys
 import time
 import urllib.request
-from contextlib import suppress
 from pathlib import Path
 
 import pytest
 
-from tests.mlflow_server import free_port
+from tests.mlflow_server import free_port, stop_group
 
 REGION = "us-east-1"
 
@@ -85,13 +83,5 @@ class S3Server:
         return sorted(obj["Key"] for page in pages for obj in page.get("Contents", []))
 
     def stop(self, timeout_s: float = 20.0) -> None:
-        if self.proc is None:
-            return
-        with suppress(ProcessLookupError):
-            os.killpg(self.proc.pid, signal.SIGTERM)
-        try:
-            self.proc.wait(timeout_s)
-        except subprocess.TimeoutExpired:
-            os.killpg(self.proc.pid, signal.SIGKILL)
-            self.proc.wait(10)
+        stop_group(self.proc, timeout_s)
         self.proc = None
