@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.mlflow_server import free_port, stop_group
+from tests.mlflow_server import MlflowServer, free_port, stop_group
 
 REGION = "us-east-1"
 
@@ -81,6 +81,14 @@ class S3Server:
             self.client().get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix)
         )
         return sorted(obj["Key"] for page in pages for obj in page.get("Contents", []))
+
+    def tracking_server(self, base: Path, bucket: str) -> MlflowServer:
+        """A (not yet started) `mlflow server` in `base/mlflow` whose artifacts are objects in
+        `s3://<bucket>/mlartifacts` on this server, as a cluster's tracking server keeps them."""
+        server_dir = base / "mlflow"
+        server_dir.mkdir()
+        return MlflowServer(server_dir, artifacts_destination=f"s3://{bucket}/mlartifacts",
+                            env=self.env())  # fmt: skip
 
     def stop(self, timeout_s: float = 20.0) -> None:
         stop_group(self.proc, timeout_s)

@@ -23,7 +23,6 @@ from pathlib import Path
 import pytest
 
 from tests.chain import seedpipe_exe
-from tests.mlflow_server import MlflowServer
 from tests.s3_server import S3Server
 
 BUCKET = "seed"
@@ -84,10 +83,7 @@ def test_demo_on_an_object_store_root_runs_every_step_and_a_rerun_reuses_them(tm
     state, summary, evaluation, samples and step logs are objects in the bucket; the report names
     the store; nothing lands in the working folder. A second run reuses every step."""
     ray_tmp = tempfile.mkdtemp(prefix="s3d", dir="/tmp")
-    server_dir = tmp_path / "mlflow"
-    server_dir.mkdir()
-    mlflow = MlflowServer(server_dir, artifacts_destination=f"s3://{BUCKET}/mlartifacts",
-                          env=s3.env())  # fmt: skip
+    mlflow = s3.tracking_server(tmp_path, BUCKET)
     try:
         mlflow.start()
         work = tmp_path / "user"

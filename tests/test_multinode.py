@@ -305,10 +305,7 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
     base = tmp_path_factory.mktemp("multinode")
     s3 = S3Server(base)
     s3.start()
-    server_dir = base / "mlflow"
-    server_dir.mkdir()
-    mlflow = MlflowServer(server_dir, artifacts_destination=f"s3://{BUCKET}/mlartifacts",
-                          env=s3.env())  # fmt: skip
+    mlflow = s3.tracking_server(base, BUCKET)
     folders = NodeFolders(base / "nodes", NODES)
     work = base / "user"
     work.mkdir()

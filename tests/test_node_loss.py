@@ -133,11 +133,7 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
     base = tmp_path_factory.mktemp("node-loss")
     s3 = S3Server(base)
     s3.start()
-    mlflow_dir = base / "mlflow"
-    mlflow_dir.mkdir()
-    mlflow = MlflowServer(
-        mlflow_dir, artifacts_destination=f"s3://{BUCKET}/mlartifacts", env=s3.env()
-    )
+    mlflow = s3.tracking_server(base, BUCKET)
     try:
         s3.create_bucket(BUCKET)
         s3.create_bucket(STAGE_BUCKET)

@@ -89,10 +89,7 @@ def store_chain(tmp_path_factory):
     s3 = S3Server(base)
     s3.start()
     s3.create_bucket(BUCKET)
-    server_dir = base / "mlflow"
-    server_dir.mkdir()
-    mlflow = MlflowServer(server_dir, artifacts_destination=f"s3://{BUCKET}/mlartifacts",
-                          env=s3.env())  # fmt: skip
+    mlflow = s3.tracking_server(base, BUCKET)
     try:
         mlflow.start()
         workdir = base / "user"
