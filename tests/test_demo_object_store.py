@@ -77,6 +77,7 @@ def read_json(s3: S3Server, key: str) -> dict:
 
 
 @pytest.mark.slow
+@pytest.mark.cluster  # `make test-cluster`: the S3 README chain (tests/test_object_store.py) is in `make test`
 @pytest.mark.timeout(1500)
 def test_demo_on_an_object_store_root_runs_every_step_and_a_rerun_reuses_them(tmp_path, s3):
     """Every step does its work on `s3://seed/demo`: the catalog, the run folders and the demo's own

@@ -170,12 +170,12 @@ each test's timeout includes it, so any one of them can run alone."""
 
 
 def on_cluster(seconds: float):  # noqa: ANN201
-    """A cluster test's marks: slow; the module's xdist group, so one worker of `make test`
-    (--dist loadgroup) runs every cluster test on one cluster; a timeout of `seconds` plus the
+    """A cluster test's marks: slow and cluster (`make test-cluster`); the module's xdist group, so
+    one worker (--dist loadgroup) runs every cluster test on one cluster; a timeout of `seconds` plus the
     module's setup (`SETUP_S`), so any one of them can run alone."""
 
     def mark(test):  # noqa: ANN001, ANN202
-        for m in (pytest.mark.slow, pytest.mark.xdist_group("multinode"),
+        for m in (pytest.mark.slow, pytest.mark.cluster, pytest.mark.xdist_group("multinode"),
                   pytest.mark.timeout(SETUP_S + seconds)):  # fmt: skip
             test = m(test)
         return test

@@ -52,7 +52,7 @@ from tests.ray_nodes import HEAD, RayNodes
 from tests.s3_server import REGION, S3Server
 
 # one xdist worker runs the module: its cluster and servers (a module fixture) start once
-pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("node-loss")]
+pytestmark = [pytest.mark.slow, pytest.mark.cluster, pytest.mark.xdist_group("node-loss")]
 BUCKET = "nodeloss"
 ROOT = f"s3://{BUCKET}/data"
 STAGE_BUCKET = "nodeloss-stage"  # versioned: every write of a completion record is kept
