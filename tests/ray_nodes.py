@@ -193,6 +193,10 @@ class RayNodes:
         the raylet started) and wait until they are gone. The GCS notices the node's death
         later (its health check); the id stays in `node_id` until a restart."""
         proc = self._procs.pop(name, None)
+        if proc is not None and proc.poll() is not None:
+            # already exited and reaped: its pid may be another process's now (pid_max is 32768
+            # here and pids wrap within a test run), so neither its session nor its group is ours
+            proc = None
         victims = self._node_processes(name, proc)
         if proc is not None:
             with _gone():
