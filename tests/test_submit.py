@@ -180,7 +180,9 @@ class LocalHead:
         if self.proc is None:
             return
         try:
-            victims = psutil.Process(self.proc.pid).children(recursive=True)
+            # an exited `ray start`'s pid may belong to another process by now (pids wrap at 32768)
+            alive = self.proc.poll() is None
+            victims = psutil.Process(self.proc.pid).children(recursive=True) if alive else []
         except psutil.NoSuchProcess:
             victims = []
         self.proc.terminate()
